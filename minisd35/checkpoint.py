@@ -39,7 +39,7 @@ MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 
 
 class SafeFile:
-    """One validated .safetensors file. `keys()`, `shape(k)`, `dtype(k)` read only the header; `get(k)` reads one tensor."""
+    """One validated .safetensors file. keys(), shape(k), dtype(k) read only the header; get(k) reads one tensor."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -64,7 +64,7 @@ class SafeFile:
             raise CheckpointError(f"{self.path}: corrupted safetensors header (JSON is not an object)")
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise CheckpointError(f"{self.path}: corrupted safetensors header (__metadata__ must map strings to strings)")
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (__metadata__ must map str to str)")
         data_len = size - 8 - n
         for name, info in header.items():
             self._check_entry(name, info, data_len)
@@ -81,7 +81,8 @@ class SafeFile:
             raise CheckpointError(f"{where}: unknown dtype {dt!r} (minisd35 reads {', '.join(DTYPES)})")
         if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
             raise CheckpointError(f"{where}: corrupted shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1]):
             raise CheckpointError(f"{where}: corrupted data_offsets {offs!r}")
         if offs[1] - offs[0] != math.prod(shape) * ITEMSIZE[dt]:
             raise CheckpointError(f"{where}: data_offsets {offs} do not match shape {shape} of {dt}")

@@ -61,9 +61,12 @@ class MMDiTConfig:
     def from_diffusers(cls, c: dict, source: str = "config.json") -> MMDiTConfig:
         try:
             heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
-            cfg = cls(depth=int(c["num_layers"]), heads=heads, head_dim=head_dim, patch_size=int(c.get("patch_size", 2)),
-                      in_channels=int(c.get("in_channels", 16)), out_channels=int(c.get("out_channels") or c.get("in_channels", 16)),
-                      context_dim=int(c.get("joint_attention_dim", 4096)), pooled_dim=int(c.get("pooled_projection_dim", 2048)),
+            cin = int(c.get("in_channels", 16))
+            cfg = cls(depth=int(c["num_layers"]), heads=heads, head_dim=head_dim,
+                      patch_size=int(c.get("patch_size", 2)), in_channels=cin,
+                      out_channels=int(c.get("out_channels") or cin),
+                      context_dim=int(c.get("joint_attention_dim", 4096)),
+                      pooled_dim=int(c.get("pooled_projection_dim", 2048)),
                       pos_embed_max_size=int(c["pos_embed_max_size"]), qk_norm=c.get("qk_norm") == "rms_norm",
                       dual_attention_layers=tuple(int(i) for i in c.get("dual_attention_layers") or ()),
                       sample_size=int(c.get("sample_size", 128)))
@@ -171,7 +174,8 @@ PRESETS: dict[str, Preset] = {
                            SamplerDefaults(steps=40, guidance=4.5, slg_layers=(7, 8, 9), slg_scale=2.8)),
     "sd3.5-large": Preset("sd3.5-large", MMDiTConfig(depth=38, heads=38, pos_embed_max_size=192, qk_norm=True),
                           SamplerDefaults(steps=28, guidance=3.5)),
-    "sd3.5-large-turbo": Preset("sd3.5-large-turbo", MMDiTConfig(depth=38, heads=38, pos_embed_max_size=192, qk_norm=True),
+    "sd3.5-large-turbo": Preset("sd3.5-large-turbo",
+                                MMDiTConfig(depth=38, heads=38, pos_embed_max_size=192, qk_norm=True),
                                 SamplerDefaults(steps=4, guidance=0.0)),
     # tiny: every feature at toy size. Text widths: CLIP-L 32 + CLIP-G 32 = pooled 64; T5 width 64 = context width.
     "tiny": Preset(
@@ -219,7 +223,8 @@ def mmdit_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "
         raise ConfigError(f"{source}: pos_embed has {n_pos} positions, not a square grid")
     ln = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
     head_dim = ln[0] if ln else 64
-    dual = tuple(sorted({int(m.group(1)) for k in shapes if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))}))
+    attn2 = re.compile(r"joint_blocks\.(\d+)\.x_block\.attn2\.")
+    dual = tuple(sorted({int(m.group(1)) for k in shapes if (m := attn2.match(k))}))
     if hidden % head_dim:
         raise ConfigError(f"{source}: width {hidden} is not a multiple of head_dim {head_dim}")
     return MMDiTConfig(depth=depth, heads=hidden // head_dim, head_dim=head_dim, patch_size=p, in_channels=cin,
@@ -238,8 +243,9 @@ def detect_variant(cfg: MMDiTConfig) -> str | None:
 
 def check_against_preset(cfg: MMDiTConfig, preset: str, source: str = "checkpoint") -> None:
     want = get_preset(preset).mmdit
-    diff = [f"{f.name}: file {getattr(cfg, f.name)} vs preset {getattr(want, f.name)}"
-            for f in dataclasses.fields(MMDiTConfig) if f.name != "sample_size" and getattr(cfg, f.name) != getattr(want, f.name)]
+    names = [f.name for f in dataclasses.fields(MMDiTConfig) if f.name != "sample_size"]
+    diff = [f"{n}: file {getattr(cfg, n)} vs preset {getattr(want, n)}"
+            for n in names if getattr(cfg, n) != getattr(want, n)]
     if diff:
         found = detect_variant(cfg)
         raise ConfigError(f"{source} does not match preset {preset!r} ({'; '.join(diff)})"
