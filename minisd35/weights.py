@@ -270,18 +270,15 @@ def check_plan(plan: dict[str, Planned], model: torch.nn.Module, source: str) ->
 
 
 def materialize(plan: dict[str, Planned], dtype: torch.dtype, device, source: str, finite: bool = True,
-                keep_fp8: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """Read every planned tensor once, cast floating tensors to dtype (fp8 ones listed in keep_fp8 stay fp8),
-    move to device, check for NaN/Inf."""
+                keep: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Read every planned tensor once, cast floating tensors to dtype (those in `keep`, FP8 weights and their fp32
+    scales, keep their dtype), move to device, and check for NaN/Inf (NaN codes for FP8) after the cast, so that an
+    overflow caused by the cast itself is caught too."""
     out = {}
     for k, p in plan.items():
         t = p.make()
-        if t.is_floating_point() and not (k in keep_fp8 and t.dtype in FP8_DTYPES):
-            if t.dtype in FP8_DTYPES and k not in keep_fp8:
-                if finite:
-                    check_finite(source, p.source, t)
-                t = t.float()  # an fp8 tensor with no scale: scale 1
-            t = t.to(device=device, dtype=dtype)
+        if t.is_floating_point() and k not in keep:
+            t = t.to(device=device, dtype=dtype)  # an FP8 tensor outside an FP8 layer is upcast with scale 1
         else:
             t = t.to(device=device)
         if finite:
@@ -314,14 +311,18 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     fp8_layers = sorted(fp8_weights | set(fp8_side))
     keep: frozenset[str] = frozenset()
     if fp8_layers:
-        from .fp8 import prepare_fp8_load  # the loader (not the model) knows about FP8
+        from .fp8 import (
+            META_RECIPES,
+            prepare_fp8_load,  # the loader (not the model) knows about FP8
+        )
 
-        plan, keep = prepare_fp8_load(model, plan, fp8_side, fp8_layers, ck.name, dtype, impl=fp8_impl)
+        recipes = json.loads(ck.metadata.get(META_RECIPES, "{}"))
+        plan, keep = prepare_fp8_load(model, plan, fp8_side, fp8_layers, ck.name, dtype, impl=fp8_impl, recipes=recipes)
     if unknown:
         raise CheckpointError(f"{ck.name}: {len(unknown)} tensors that are not part of an SD3 MMDiT: "
                               f"{list_keys(unknown)}")
     check_plan(plan, model, ck.name)
-    state = materialize(plan, dtype, device, ck.name, finite=check_finite, keep_fp8=keep)
+    state = materialize(plan, dtype, device, ck.name, finite=check_finite, keep=keep)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
