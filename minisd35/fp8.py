@@ -446,8 +446,59 @@ def check_scale(scale: torch.Tensor, n_out: int, source: str, key: str) -> torch
     return s
 
 
+def plan_quantize(model: nn.Module, plan: dict, policy: str | Policy | list, device, impl: str | None = None,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[dict, frozenset[str], QuantReport]:
+    """Quantise while loading: swap the Linears the policy converts for FP8Linears on the meta-device model and
+    change the load plan so each weight is read, moved to `device`, quantised there and only then kept. Peak memory
+    is the quantised model plus one layer in bf16, never the whole bf16 model. Returns (plan, keys whose dtype must
+    be kept, report)."""
+    from .weights import Planned
+
+    pol = get_policy(policy)
+    report = QuantReport()
+    new_plan, keep = {}, set()
+    layers = {}
+    for name, lin in model.named_modules():
+        if isinstance(lin, FP8Linear):
+            report.total += 1
+            report.converted[lin.recipe] += 1  # FP8 in the file already
+        elif isinstance(lin, nn.Linear):
+            report.total += 1
+            recipe, pat = pol.recipe_for(name)
+            if recipe == "bf16":
+                report.kept[name] = f"rule {pat!r}" if pat else "no rule"
+            else:
+                layers[name] = (lin, recipe)
+                report.converted[recipe] += 1
+    for name, (lin, recipe) in layers.items():
+        parent, _, attr = name.rpartition(".")
+        per_channel = recipe != "w8a8-tensor"
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                FP8Linear(lin.in_features, lin.out_features, lin.bias is not None, recipe, per_channel, dtype=dtype,
+                          impl=impl))
+    for k, p in plan.items():
+        layer = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and layer in layers:
+            cache = {}
+
+            def make_w(p=p, cache=cache, pc=layers[layer][1] != "w8a8-tensor"):
+                w8, s = quantize_weight(p.make().to(device), per_channel=pc)
+                cache["scale"] = s
+                return w8
+
+            new_plan[k] = Planned(p.shape, E4M3, make_w, p.source)
+            n = p.shape[0] if layers[layer][1] != "w8a8-tensor" else 1
+            new_plan[f"{layer}.weight_scale"] = Planned((n,), torch.float32, lambda c=cache: c.pop("scale"),
+                                                        f"{p.source} (scale)")
+            keep |= {k, f"{layer}.weight_scale"}
+        else:
+            new_plan[k] = p
+    return new_plan, frozenset(keep), report
+
+
 def prepare_fp8_load(model: nn.Module, plan: dict, side: dict, layers: list[str], source: str, dtype: torch.dtype,
-                     impl: str | None = None, recipes: dict[str, str] | None = None):
+                     impl: str | None = None, recipes: dict[str, str] | None = None,
+                     policy: str | Policy | list | None = None):
     """Called by the loader (weights.py) on a meta-device model when a file holds FP8 linears: swap those Linears
     for FP8Linears (the weight stays E4M3, nothing is upcast) and add the scales to the load plan.
 
@@ -458,7 +509,7 @@ def prepare_fp8_load(model: nn.Module, plan: dict, side: dict, layers: list[str]
     from .weights import Planned
 
     recipes = recipes or {}
-    pol = get_policy("default")
+    pol = get_policy(policy or "default")
     keep = set()
     no_scale = []
     for layer in layers:

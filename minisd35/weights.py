@@ -289,11 +289,12 @@ def materialize(plan: dict[str, Planned], dtype: torch.dtype, device, source: st
 
 def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                preset: str | None = None, config: MMDiTConfig | None = None, check_finite: bool = True,
-               fp8_impl: str | None = None) -> MMDiT:
+               fp8=None, fp8_impl: str | None = None, verbose: bool = False) -> MMDiT:
     """Load an MMDiT from a diffusers root/folder, a Stability single file, or an FP8 file (ComfyUI scaled fp8,
     minisd35 quantized). `preset` cross-checks the architecture ('sd3.5-large', ...) and fails with the difference.
     The config comes from `config`, else config.json, else the file's minisd35 metadata, else the tensor shapes.
-    FP8 linears found in the file stay FP8 (fp8.FP8Linear); everything else is cast to `dtype`."""
+    FP8 linears found in the file stay FP8 (fp8.FP8Linear); everything else is cast to `dtype`. `fp8` (a policy name,
+    .json file or rule list) quantises the other linears while they are read (see fp8.plan_quantize)."""
     ck, layout, cfg = open_mmdit(path)
     plan, unknown = plan_mmdit(ck, layout)
     plan, fp8_side = split_fp8(plan)
@@ -317,7 +318,16 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
         )
 
         recipes = json.loads(ck.metadata.get(META_RECIPES, "{}"))
-        plan, keep = prepare_fp8_load(model, plan, fp8_side, fp8_layers, ck.name, dtype, impl=fp8_impl, recipes=recipes)
+        plan, keep = prepare_fp8_load(model, plan, fp8_side, fp8_layers, ck.name, dtype, impl=fp8_impl,
+                                      recipes=recipes, policy=fp8)
+    if fp8 is not None:
+        from .fp8 import plan_quantize
+
+        plan, keep_q, report = plan_quantize(model, plan, fp8, device, impl=fp8_impl, dtype=dtype)
+        keep = keep | keep_q
+        model.quant_report = report
+        if verbose:
+            print(report)
     if unknown:
         raise CheckpointError(f"{ck.name}: {len(unknown)} tensors that are not part of an SD3 MMDiT: "
                               f"{list_keys(unknown)}")

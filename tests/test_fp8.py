@@ -256,3 +256,19 @@ def test_impl_resolution(monkeypatch):
         fp8.resolve_impl(cpu)
     with pytest.raises(InputError):
         fp8.set_impl("nope")
+
+
+def test_quantize_on_load_equals_quantize_after(tmp_path):
+    """load_mmdit(fp8=policy) quantises each weight as it is read; the result is bit-identical to loading in full
+    precision and quantising afterwards, and the report counts the same."""
+    path = save_mmdit(random_mmdit_state(CFG, seed=4), CFG, tmp_path / "m.safetensors")
+    on_load = load_mmdit(path, dtype=torch.float32, fp8="default")
+    after = load_mmdit(path, dtype=torch.float32)
+    rep = quantize(after, "default")
+    assert str(on_load.quant_report) == str(rep)
+    a, b = on_load.state_dict(), after.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == E4M3 else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == E4M3 else b[k]), k
