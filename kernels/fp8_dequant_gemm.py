@@ -1,0 +1,234 @@
+"""Weight-only FP8 GEMM: y = x @ (w * w_scale).T + bias with the weight stored as E4M3 and the math in bf16/fp16.
+
+Who needs it: GPUs without FP8 tensor cores (RTX 30xx / A100: sm80/86), where FP8 is a storage format that
+halves weight memory, and the memory-bound M = 2 adaLN GEMVs on any GPU, where reading 1 byte per weight instead
+of 2 is the whole game (SD3.5 Large: N = 6 * 2432 = 14592, K = 2432, i.e. 35 MB of fp8 per call instead of 71 MB).
+
+Formats and shapes: x [M, K] bf16 or fp16 (last dim contiguous), w [N, K] float8_e4m3fn or its uint8 view
+(nn.Linear layout), w_scale [N] fp32 (or 1 element), bias [N] or None; the output has x's dtype. Each program
+loads a tile of fp8 bytes, turns it into x's dtype in registers, and feeds a bf16/fp16 tl.dot that accumulates
+in fp32. E4M3 values are exact in bf16 and fp16 (3 mantissa bits, exponents 2**-9 .. 2**8), so the dequantised
+tile is exact; the per-channel scale is applied once to the fp32 accumulator (sum_k x*w*s[n] = s[n] * sum_k x*w),
+then bias, then the one rounding to x's dtype.
+
+Two ways to decode the bytes (bitcast=):
+  False: the pointer is typed float8e4nv and Triton converts (`w.to(tl.bfloat16)`); needs Triton FP8 support,
+         i.e. compute capability 8.9+.
+  True:  the pointer is uint8 and the kernel decodes E4M3 itself, so it runs on sm80/86 too. A code is
+         s eeee mmm (sign, exponent with bias 7, 3-bit mantissa). Put it into an fp16 bit pattern as
+         s 0eeee mmm0000000, i.e. ((u & 0x7F) << 7) | ((u & 0x80) << 8): exponent field e now means 2**(e - 15)
+         instead of 2**(e - 7), so multiply by 2**8. This also gets the subnormals right for free: e = 0 makes
+         an fp16 subnormal m * 2**-17, times 2**8 = m * 2**-9, exactly E4M3's subnormal. The one code that does
+         not map is NaN (0x7F / 0xFF, which would decode as 480), so it is selected explicitly.
+  None (default): True for a uint8 weight or a GPU below sm89, otherwise False. Force True on Hopper to measure it.
+
+Tiling: SWAP_AB (a config flag the autotuner chooses) computes the transposed product out^T = W @ x^T, so the
+dequantised weight tile (which lives in registers) is the left operand of the MMA; Hopper's wgmma can read its
+left operand from registers but the right one only from shared memory. For M <= 16 this is also the natural
+GEMV shape: the token dimension becomes the MMA's narrow N (16), and the grid spreads over N so that enough
+programs stream the weight at once. Two autotuned config sets (same kernel): GEMV (M <= 16) and GEMM.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # `python kernels/fp8_dequant_gemm.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import FP8, check_device, check_scale, check_tensor, interpreting, on_device, pick_configs
+from minisd35.errors import HardwareError, InputError
+
+GEMV_MAX_M = 16  # M up to this uses the GEMV config set (one 16-row MMA tile covers all tokens)
+
+
+def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, swap: bool, group: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SWAP_AB": swap},
+                         num_stages=stages, num_warps=warps)
+
+
+# GEMV (M <= 16): narrow N tiles so that N = 14592 gives 114-456 programs, long K tiles so each one keeps several
+# 8-32 KB weight loads in flight. GEMM: the usual bf16 Hopper tiles (BLOCK_K 64), with and without the swap.
+GEMV_CONFIGS = pick_configs(
+    gpu=[_cfg(16, 32, 256, 4, 4, True), _cfg(16, 64, 256, 4, 4, True), _cfg(16, 64, 128, 4, 4, True),
+         _cfg(16, 128, 128, 4, 4, True), _cfg(16, 128, 256, 3, 8, True), _cfg(16, 32, 512, 3, 4, True),
+         _cfg(16, 64, 256, 4, 4, False)],
+    cpu=[_cfg(16, 32, 32, 1, 4, True)],
+)
+GEMM_CONFIGS = pick_configs(
+    gpu=[_cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 8, False),
+         _cfg(128, 128, 64, 4, 4, False), _cfg(64, 256, 64, 4, 4, False), _cfg(128, 64, 64, 4, 4, False),
+         _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True)],
+    cpu=[_cfg(32, 32, 32, 1, 4, False, group=2)],
+)
+
+
+@triton.jit
+def e4m3_bits_to_float(u):
+    """uint8 E4M3 codes -> fp32 values by bit manipulation (see the module docstring); NaN for 0x7F / 0xFF."""
+    u = u.to(tl.uint16)
+    h = (((u & 0x7F) << 7) | ((u & 0x80) << 8)).to(tl.float16, bitcast=True)
+    v = h.to(tl.float32) * 256.0
+    return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _dequant_gemm_kernel(
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, DOT_F32: tl.constexpr,
+    SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)  # grouped tile order, as in fp8_gemm.py
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % group_m)
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M  # wrapped rows/cols: loads need no M/N mask, the extra results are not stored
+    rn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], as stored
+    dtype = x_ptr.dtype.element_ty
+    # the MMA's input type: x's dtype; fp32 only under the interpreter, whose tl.dot multiplies bf16 tiles as raw
+    # 16-bit integers (fp32 is exact here: bf16 and E4M3 values are fp32 values, and products fit in fp32)
+    dot_dtype = tl.float32 if DOT_F32 else dtype
+
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            wq = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            wq = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if BITCAST:
+            w = e4m3_bits_to_float(wq).to(dot_dtype)
+        else:
+            w = wq.to(dot_dtype)
+        x = x.to(dot_dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc)  # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_M]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)  # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
+
+    if W_PER_COL:
+        acc = acc * tl.load(w_scale_ptr + rn)[None, :]
+    else:
+        acc = acc * tl.load(w_scale_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn)[None, :].to(tl.float32)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(dtype), mask=mask)
+
+
+# One kernel, two autotuned launchers with different config sets (both keyed on the layer shape N, K).
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_dequant_gemm_kernel)
+_gemv = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITCAST"])(_even_k)
+_gemm = triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "BITCAST"])(_even_k)
+
+
+def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 bitcast: bool | None = None) -> torch.Tensor:
+    """y [M, N] (x's dtype) = x @ (w.float() * w_scale[:, None]).T + bias, with fp32 accumulation.
+    x [M, K] bf16/fp16, w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring."""
+    fn = "dequant_gemm"
+    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16), ndim=2)
+    check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2)
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise InputError(f"dequant_gemm: x is [{M}, {K}] but w is {list(w.shape)}; w must be [N, {K}]")
+    check_scale(fn, "w_scale", w_scale, N, "output channel")
+    if bias is not None:
+        check_tensor(fn, "bias", bias, (torch.bfloat16, torch.float16, torch.float32), ndim=1)
+        if bias.shape[0] != N:
+            raise InputError(f"dequant_gemm: bias has shape {tuple(bias.shape)}; expected [{N}]")
+    if bitcast is None:
+        old_gpu = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9)
+        bitcast = w.dtype == torch.uint8 or old_gpu
+    dev = check_device(fn, x, w, w_scale, bias, fp8=not bitcast)
+    if not bitcast and w.dtype == torch.uint8:
+        w = w.view(FP8)
+    if bitcast:
+        w = w.view(torch.uint8)
+    if dev.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev) < (8, 0):
+        raise HardwareError("dequant_gemm: bf16 needs compute capability 8.0+; pass fp16 activations")
+
+    out = torch.empty((M, N), dtype=x.dtype, device=dev)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return dequant_gemm_ref(x, w, w_scale, bias)
+    launch = _gemv if M <= GEMV_MAX_M else _gemm
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    with on_device(dev):
+        launch[grid](x, w, out, w_scale, bias if bias is not None else out, M, N, K,
+                     x.stride(0), w.stride(0), out.stride(0),
+                     W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, BITCAST=bool(bitcast),
+                     DOT_F32=interpreting())
+    return out
+
+
+def dequant_gemm_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     bitcast: bool | None = None) -> torch.Tensor:
+    """Plain torch, fp32 math: (x @ w.T) * w_scale + bias, cast to x's dtype. bitcast is accepted and ignored."""
+    wf = (w.view(FP8) if w.dtype == torch.uint8 else w).float()
+    y = (x.float() @ wf.t()) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+if __name__ == "__main__":
+    import torch.nn.functional as F
+
+    from kernels._common import bench_ms, check_line, print_table, rel_rms
+    from kernels.fp8_quant import quant_fp8_ref
+
+    if not torch.cuda.is_available() and not interpreting():
+        sys.exit("needs a CUDA GPU, or TRITON_INTERPRET=1 to run the check on the CPU")
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    cases = [(2, 2432, 6 * 2432), (2, 1536, 9 * 1536), (8858, 2432, 2432)] if dev == "cuda" else [(2, 72, 40),
+                                                                                                  (67, 100, 56)]
+    torch.manual_seed(0)
+    rows = []
+    for M, K, N in cases:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        wq, ws = quant_fp8_ref(torch.randn(N, K, device=dev) * 0.02)
+        bias = torch.randn(N, device=dev, dtype=torch.bfloat16)
+        ref = dequant_gemm_ref(x, wq, ws, bias)  # 1. check
+        for bitcast in (False, True):
+            check_line(f"dequant_gemm M={M} K={K} N={N} bitcast={bitcast}",
+                       rel_rms(dequant_gemm(x, wq, ws, bias, bitcast=bitcast), ref), 1e-2)
+        if dev == "cpu":
+            continue
+        wb = (wq.float() * ws[:, None]).to(torch.bfloat16)  # 2. time against bf16 F.linear with the same weight
+        for impl, f in [("triton fp8", lambda: dequant_gemm(x, wq, ws, bias)),
+                        ("triton bitcast", lambda: dequant_gemm(x, wq, ws, bias, bitcast=True)),
+                        ("bf16 F.linear", lambda: F.linear(x, wb, bias))]:
+            ms = bench_ms(f)[0]
+            rows.append({"M": M, "K": K, "N": N, "impl": impl, "ms": ms, "TFLOP/s": 2 * M * N * K / ms * 1e-9,
+                         "weight GB/s": N * K * (2 if "bf16" in impl else 1) / ms * 1e-6})
+    if rows:
+        print_table(rows, ["M", "K", "N", "impl", "ms", "TFLOP/s", "weight GB/s"])
