@@ -28,6 +28,17 @@ from .checkpoint import PREFIXES, save_safetensors
 from .config import get_preset
 from .errors import ConfigError
 
+# The component table of the real SD3/SD3.5 diffusers repos (so diffusers itself can load what we write).
+MODEL_INDEX = {
+    "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    "image_encoder": [None, None], "feature_extractor": [None, None],
+}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 TOKENIZERS = WEIGHTS_DIR / "tokenizers"
 
@@ -61,9 +72,7 @@ def write_tiny(root: str | Path, seed: int = 0, layout: str = "diffusers", dtype
         (root / "scheduler").mkdir(exist_ok=True)
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
             {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}, indent=2))
-        (root / "model_index.json").write_text(json.dumps(
-            {"_class_name": "StableDiffusion3Pipeline", "_minisd35": f"tiny seed {seed}, minisd35 {__version__}"},
-            indent=2))
+        (root / "model_index.json").write_text(json.dumps(MODEL_INDEX | {"_minisd35": f"tiny seed {seed}"}, indent=2))
         return root
     if layout != "stability":
         raise ConfigError(f"unknown layout {layout!r}; choose 'diffusers' or 'stability'")
