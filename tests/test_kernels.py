@@ -1,0 +1,358 @@
+"""The Triton kernels against their plain-torch references, on the CPU through the Triton interpreter.
+
+The interpreter runs each kernel's own code (masks, tiling, epilogues, scale math) with numpy, one program at a
+time, so shapes stay small and odd: M = 1, 3, 67 and N, K that are not multiples of the (small, CPU) block sizes,
+plus K spanning several K tiles. Where the interpreter itself is not faithful to the GPU, the kernels compensate
+and the tests say so: its fp32 -> e4m3 and fp32 -> bf16 casts do not round to nearest-even, so the kernels round
+in fp32 first under the interpreter (ROUND_FIRST); its bf16 tl.dot is broken, so the weight-only kernel
+multiplies in fp32 there. GEMM outputs are compared in fp32 (tight: the same quantised operands, only the
+summation order differs) and in bf16, where the interpreter's truncating cast costs up to one bf16 ulp (1e-2).
+
+TRITON_INTERPRET=1 must be set before the kernels are decorated (when kernels.* is first imported); if some
+earlier import already compiled them for a GPU, they are re-imported here under the interpreter.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels import _common, fp8_dequant_gemm, fp8_gemm, fp8_quant, ln_mod_quant  # noqa: E402
+from minisd35.errors import InputError  # noqa: E402
+
+
+def _interpreted(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    while kernel is not None:
+        if isinstance(kernel, InterpretedFunction):
+            return True
+        kernel = getattr(kernel, "fn", None)
+    return False
+
+
+if _common.interpreting() and not _interpreted(fp8_quant._quant_kernel):  # imported earlier without the interpreter
+    for _m in (_common, fp8_quant, fp8_gemm, fp8_dequant_gemm, ln_mod_quant):
+        importlib.reload(_m)
+
+if _common.interpreting():
+    DEV = "cpu"
+elif torch.cuda.is_available():
+    DEV = "cuda"
+else:
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: nothing can run the kernels", allow_module_level=True)
+
+from kernels._common import rel_rms  # noqa: E402
+from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref  # noqa: E402
+from kernels.fp8_gemm import fp8_gemm as gemm  # noqa: E402
+from kernels.fp8_gemm import fp8_gemm_ref, scaled_mm  # noqa: E402
+from kernels.fp8_quant import quant_fp8, quant_fp8_ref  # noqa: E402
+from kernels.ln_mod_quant import ln_mod, ln_mod_quant_ref, ln_mod_ref  # noqa: E402
+from kernels.ln_mod_quant import ln_mod_quant as lnq  # noqa: E402
+
+E4M3 = torch.float8_e4m3fn
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def codes(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quant_fp8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K", [(1, 72), (3, 300), (67, 40)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_quant_matches_ref_bit_for_bit(M, K, dtype, per_token):
+    x = randn(M, K, dtype=dtype, scale=3.0, seed=M * K)
+    q, s = quant_fp8(x, per_token)
+    qr, sr = quant_fp8_ref(x, per_token)
+    assert q.dtype == E4M3 and q.shape == (M, K) and s.dtype == torch.float32
+    assert s.shape == ((M,) if per_token else (1,))
+    assert torch.equal(s, sr)
+    assert torch.equal(codes(q), codes(qr))
+    # and the quantisation is a good one: per-element error within half an E4M3 step (2**-4 relative)
+    deq = q.float() * (s[:, None] if per_token else s)
+    err = (deq - x.float()).abs()
+    assert (err <= x.float().abs() * 2**-4 + s.max() * 2**-10).all()
+
+
+def test_quant_wide_rows_and_strided_input():
+    # K > 16384 takes the two-pass loop (amax pass, cast pass); a column slice has a row stride != K
+    x = randn(3, 16500, dtype=torch.bfloat16, seed=1)
+    q, s = quant_fp8(x)
+    qr, sr = quant_fp8_ref(x)
+    assert torch.equal(s, sr) and torch.equal(codes(q), codes(qr))
+    xs = randn(5, 200, dtype=torch.bfloat16, seed=2)[:, 30:130]
+    assert xs.stride(0) == 200
+    q, s = quant_fp8(xs)
+    qr, sr = quant_fp8_ref(xs.contiguous())
+    assert torch.equal(s, sr) and torch.equal(codes(q), codes(qr))
+
+
+def test_quant_static_scale():
+    x = randn(7, 72, dtype=torch.bfloat16, scale=5.0, seed=3)
+    scale = torch.tensor([0.03], device=DEV)  # calibrated: some values saturate
+    q, s = quant_fp8(x, scale=scale)
+    qr, _ = quant_fp8_ref(x, scale=scale)
+    assert s is scale
+    assert torch.equal(codes(q), codes(qr))
+    assert q.float().abs().max().item() == 448.0
+
+
+def test_quant_saturates_never_nan():
+    x = torch.tensor([[500.0, -1000.0, 1e6, -3e38, 448.0, 465.0, 464.0, -449.0, 0.5]], device=DEV)
+    q, _ = quant_fp8(x, scale=torch.ones(1, device=DEV))
+    assert not q.float().isnan().any()
+    assert q.float().tolist() == [[448.0, -448.0, 448.0, -448.0, 448.0, 448.0, 448.0, -448.0, 0.5]]
+    q, s = quant_fp8(randn(4, 50, scale=1e4, seed=4))  # dynamic: each row's amax lands exactly on +-448
+    assert not q.float().isnan().any()
+    assert torch.equal(q.float().abs().amax(dim=1).cpu(), torch.full((4,), 448.0))
+
+
+def test_quant_zero_row_uses_the_scale_floor():
+    x = randn(3, 72, seed=5)
+    x[1] = 0.0
+    for per_token in (True, False):
+        q, s = quant_fp8(x, per_token)
+        assert not q.float().isnan().any() and not s.isnan().any()
+        assert (q[1].float() == 0).all()
+    q, s = quant_fp8(x)
+    assert s[1].item() == pytest.approx(1e-12 / 448.0, rel=1e-6)
+    q, s = quant_fp8(torch.zeros(2, 40, device=DEV), per_token=False)
+    assert s.item() == pytest.approx(1e-12 / 448.0, rel=1e-6) and (q.float() == 0).all()
+
+
+def test_round_to_e4m3_grid_on_every_magnitude():
+    # the interpreter path rounds in fp32 (ROUND_FIRST); it must be torch's round-to-nearest-even everywhere:
+    # subnormals, ties, carries into the next power of two (124.3 -> 128), every code's own value
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3000, generator=g) * 10.0 ** torch.randint(-5, 3, (3000,), generator=g).float()
+    ties = torch.tensor([1.0625, 84.0, 336.0, 124.29, 31.9, 0.001, 2**-10, 3 * 2**-10, -2**-11, 0.0, -0.0])
+    table = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    x = torch.cat([x, ties, table[~table.isnan()]])
+    q, _ = quant_fp8(x.reshape(1, -1).to(DEV), scale=torch.ones(1, device=DEV))
+    assert torch.equal(codes(q), x.clamp(-448, 448).to(E4M3).view(torch.uint8).reshape(1, -1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp8_gemm
+
+
+def quantized_operands(M, K, N, per_row_a=True, per_col_w=True, seed=0):
+    a, sa = quant_fp8_ref(randn(M, K, seed=seed), per_token=per_row_a)
+    w, sw = quant_fp8_ref(randn(N, K, scale=0.05, seed=seed + 1), per_token=per_col_w)
+    return a, sa, w, sw
+
+
+@pytest.mark.parametrize("M", [1, 3, 67])
+@pytest.mark.parametrize("K,N", [(72, 40), (100, 56), (64, 40)])  # tail in K, K over 4 tiles, K % BLOCK_K == 0
+def test_fp8_gemm_matches_ref(M, K, N):
+    a, sa, w, sw = quantized_operands(M, K, N, seed=M + K)
+    bias = randn(N, dtype=torch.bfloat16, seed=7)
+    ref = fp8_gemm_ref(a, sa, w, sw, bias, out_dtype=torch.float32)
+    for fast in (False, True):
+        out = gemm(a, sa, w, sw, bias, out_dtype=torch.float32, fast_accum=fast)
+        assert out.shape == (M, N) and out.dtype == torch.float32
+        assert rel_rms(out, ref) < 1e-5  # same operands: only the order of the fp32 sums differs
+    out = gemm(a, sa, w, sw, bias)  # bf16 out: the interpreter truncates instead of rounding (one ulp)
+    assert out.dtype == torch.bfloat16 and rel_rms(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("per_row_a,per_col_w", [(False, False), (True, False), (False, True)])
+def test_fp8_gemm_per_tensor_scales(per_row_a, per_col_w):
+    a, sa, w, sw = quantized_operands(67, 72, 40, per_row_a, per_col_w, seed=8)
+    assert sa.numel() == (67 if per_row_a else 1) and sw.numel() == (40 if per_col_w else 1)
+    out = gemm(a, sa, w, sw, out_dtype=torch.float32)
+    assert rel_rms(out, fp8_gemm_ref(a, sa, w, sw, out_dtype=torch.float32)) < 1e-5
+
+
+def test_fp8_gemm_epilogues_against_the_model_formula():
+    # the MLP of a DiT block: fc1 + GELU(tanh), then fc2 with the adaLN gated residual, written out as the model
+    # does it on [B, L, N] streams, in fp32
+    B, L, K, N = 3, 23, 72, 40
+    M = B * L
+    a, sa, w, sw = quantized_operands(M, K, N, seed=9)
+    bias = randn(N, seed=10)
+    gate = randn(B, N, dtype=torch.bfloat16, seed=11)
+    res = randn(M, N, seed=12)
+    lin = (a.float() * sa[:, None]) @ (w.float() * sw[:, None]).t() + bias
+    act = F.gelu(lin, approximate="tanh")
+    model = (res.view(B, L, N) + gate.float()[:, None, :] * act.view(B, L, N)).reshape(M, N)
+    for kw, expect in [({}, lin), ({"act": "gelu_tanh"}, act),
+                       ({"act": "gelu_tanh", "gate": gate, "residual": res, "rows_per_batch": L}, model),
+                       ({"gate": gate, "residual": res}, (res.view(B, L, N) + gate.float()[:, None] * lin.view(B, L, N))
+                        .reshape(M, N)),  # rows_per_batch inferred as M // B
+                       ({"residual": res}, res + lin),
+                       ({"gate": gate, "rows_per_batch": L},
+                        (gate.float()[:, None] * lin.view(B, L, N)).reshape(M, N))]:
+        ref = fp8_gemm_ref(a, sa, w, sw, bias, out_dtype=torch.float32, **kw)
+        assert rel_rms(ref, expect) < 1e-6, kw
+        assert rel_rms(gemm(a, sa, w, sw, bias, out_dtype=torch.float32, **kw), ref) < 1e-5, kw
+    # bf16 residual stream, bf16 out, as in the model
+    out = gemm(a, sa, w, sw, bias, act="gelu_tanh", gate=gate, residual=res.bfloat16(), rows_per_batch=L)
+    assert out.dtype == torch.bfloat16 and rel_rms(out, model) < 1e-2
+
+
+def test_w8a8_error_level_against_fp32():
+    # what FP8 costs on random data: per-row W8A8 vs the unquantised fp32 product lands at a few percent
+    # (E4M3's 3 mantissa bits: relative step 2**-3 .. 2**-4 per operand, averaged over K products)
+    x, wt = randn(67, 512, seed=13), randn(96, 512, scale=0.05, seed=14)
+    exact = x @ wt.t()
+    a, sa = quant_fp8_ref(x)
+    w, sw = quant_fp8_ref(wt)
+    err_ref = rel_rms(fp8_gemm_ref(a, sa, w, sw, out_dtype=torch.float32), exact)
+    err_kernel = rel_rms(gemm(a, sa, w, sw, out_dtype=torch.float32), exact)
+    assert 0.01 < err_ref < 0.08
+    assert err_kernel == pytest.approx(err_ref, rel=1e-3)
+    err_bf16 = rel_rms(x.bfloat16().float() @ wt.bfloat16().float().t(), exact)
+    assert err_bf16 < err_ref / 4  # bf16 operands (8 bits of mantissa) are far closer
+
+
+def test_fp8_gemm_rejects_bad_arguments():
+    a, sa, w, sw = quantized_operands(6, 72, 40, seed=15)
+    with pytest.raises(InputError, match="w must be"):
+        gemm(a, sa, w[:, :64], sw)
+    with pytest.raises(InputError, match="a_scale"):
+        gemm(a, sa[:5], w, sw)
+    with pytest.raises(InputError, match="dtype"):
+        gemm(a.float(), sa, w, sw)
+    with pytest.raises(InputError, match="rows_per_batch"):
+        gemm(a, sa, w, sw, gate=randn(4, 40), rows_per_batch=2)
+    with pytest.raises(InputError, match="act"):
+        gemm(a, sa, w, sw, act="relu")
+    with pytest.raises(InputError, match="residual"):
+        gemm(a, sa, w, sw, residual=randn(6, 40))  # fp32 residual but bf16 out
+
+
+def test_scaled_mm_helper():
+    a, sa, w, sw = quantized_operands(37, 64, 48, seed=16)
+    bias = randn(48, dtype=torch.bfloat16, seed=17)
+    try:
+        torch._scaled_mm(a[:16], w[:16].t(), scale_a=sa[:1].reshape(()), scale_b=sw[:1].reshape(()),
+                         out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm does not run on {DEV} with this torch: {e}")
+    ref = fp8_gemm_ref(a, sa, w, sw, bias, out_dtype=torch.float32)
+    assert rel_rms(scaled_mm(a, sa, w, sw, bias), ref) < 1e-2  # row-wise
+    sa1, sw1 = sa.amax().reshape(1), sw.amax().reshape(1)
+    assert rel_rms(scaled_mm(a, sa1, w, sw1, bias.float()), fp8_gemm_ref(a, sa1, w, sw1, bias)) < 1e-2  # tensor
+    assert rel_rms(scaled_mm(a, sa1, w, sw), fp8_gemm_ref(a, sa1, w, sw)) < 1e-2  # mixed -> row-wise
+    with pytest.raises(InputError, match="multiples of 16"):
+        scaled_mm(*quantized_operands(5, 72, 40))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dequant_gemm (weight-only)
+
+
+@pytest.mark.parametrize("bitcast", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 20])  # GEMV configs up to 16 rows, GEMM configs above
+def test_dequant_decodes_every_code(bitcast, M):
+    # x = ones [M, 1], w = one code per output channel, scale 1: out[m, n] is the decoded code, exactly
+    table = torch.arange(256, dtype=torch.uint8)
+    finite = table[(table & 0x7F) != 0x7F]  # 254 codes; NaN aside
+    w = finite.reshape(-1, 1).view(E4M3).to(DEV)
+    out = dequant_gemm(torch.ones(M, 1, dtype=torch.float16, device=DEV), w, torch.ones(1, device=DEV),
+                       bitcast=bitcast)
+    expect = finite.view(E4M3).float().to(torch.float16)
+    assert torch.equal(out.cpu(), expect.expand(M, -1))
+
+
+def test_dequant_bitcast_nan_codes():
+    w = torch.tensor([[0x7F], [0xFF], [0x38]], dtype=torch.uint8, device=DEV)  # NaN, -NaN, 1.0
+    out = dequant_gemm(torch.ones(2, 1, dtype=torch.float16, device=DEV), w, torch.ones(1, device=DEV))
+    assert out[:, :2].isnan().all() and (out[:, 2] == 1.0).all()
+
+
+@pytest.mark.parametrize("bitcast", [False, True])
+@pytest.mark.parametrize("M,K,N", [(1, 72, 40), (3, 100, 56), (67, 72, 40), (67, 64, 56)])
+def test_dequant_gemm_matches_ref(bitcast, M, K, N):
+    x = randn(M, K, dtype=torch.float16, seed=M + K)
+    w, sw = quant_fp8_ref(randn(N, K, scale=0.05, seed=18))
+    bias = randn(N, dtype=torch.bfloat16, seed=19)
+    ref = dequant_gemm_ref(x, w, sw, bias)
+    exact = (x.float() @ (w.float() * sw[:, None]).t() + bias.float())
+    out = dequant_gemm(x, w, sw, bias, bitcast=bitcast)
+    assert out.shape == (M, N) and out.dtype == torch.float16
+    assert rel_rms(out, exact) < 1e-3  # fp16 output rounding only
+    assert rel_rms(out, ref) < 1e-3
+    xb = x.bfloat16()  # bf16 activations; the interpreter truncates the bf16 output (one ulp)
+    assert rel_rms(dequant_gemm(xb, w, sw, None, bitcast=bitcast), dequant_gemm_ref(xb, w, sw)) < 1e-2
+
+
+def test_dequant_gemm_uint8_weight_and_per_tensor_scale():
+    x = randn(5, 72, dtype=torch.float16, seed=20)
+    w, sw = quant_fp8_ref(randn(40, 72, scale=0.05, seed=21), per_token=False)
+    ref = dequant_gemm_ref(x, w, sw)
+    assert rel_rms(dequant_gemm(x, w.view(torch.uint8), sw), ref) < 1e-3  # uint8 -> bit decoding, automatically
+    with pytest.raises(InputError, match="w_scale"):
+        dequant_gemm(x, w, torch.ones(7, device=DEV))
+    with pytest.raises(InputError, match="dtype"):
+        dequant_gemm(x.float(), w, sw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ln_mod_quant
+
+
+def modulation(B, K, dtype=torch.bfloat16, seed=0):
+    mod = randn(B, 6 * K, dtype=dtype, scale=0.5, seed=seed)
+    return mod[:, :K], mod[:, K:2 * K]  # strided chunks, as the model's mod.chunk(6, dim=1) gives
+
+
+@pytest.mark.parametrize("B,L,K", [(1, 1, 72), (3, 5, 72), (2, 3, 300)])
+def test_ln_mod_quant_matches_the_model(B, L, K):
+    x = randn(B * L, K, dtype=torch.bfloat16, scale=2.0, seed=B * L * K) + 0.5
+    shift, scale = modulation(B, K, seed=K)
+    # the reference is the model's formula on [B, L, K] streams
+    x3 = x.view(B, L, K)
+    model = (F.layer_norm(x3, (K,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]).reshape(B * L, K)
+    assert torch.equal(ln_mod_ref(x, shift, scale, L), model)
+    y = ln_mod(x, shift, scale, L)
+    assert y.dtype == torch.bfloat16
+    assert (y != model).float().mean().item() < 0.01  # bit-equal but for a rare last-bit flip of the LN statistics
+    assert rel_rms(y, model) < 1e-3
+    q, s = lnq(x, shift, scale, L)
+    qr, sr = ln_mod_quant_ref(x, shift, scale, L)
+    assert q.dtype == E4M3 and s.shape == (B * L,)
+    assert rel_rms(s, sr) < 1e-3
+    assert (codes(q) != codes(qr)).float().mean().item() < 0.01
+    assert rel_rms(q.float() * s[:, None], qr.float() * sr[:, None]) < 1e-3
+
+
+def test_ln_mod_promotes_like_torch():
+    # fp32 modulation with bf16 activations: torch promotes the product and the sum to fp32
+    B, L, K = 2, 4, 72
+    x = randn(B * L, K, dtype=torch.bfloat16, seed=22)
+    shift, scale = modulation(B, K, dtype=torch.float32, seed=23)
+    y = ln_mod(x, shift, scale, L)
+    ref = ln_mod_ref(x, shift, scale, L)
+    assert y.dtype == ref.dtype == torch.float32
+    assert rel_rms(y, ref) < 1e-5
+
+
+def test_ln_mod_quant_constant_row_and_bad_arguments():
+    B, L, K = 2, 3, 40
+    x = randn(B * L, K, dtype=torch.bfloat16, seed=24)
+    x[2] = 1.5  # a constant row normalises to 0: y = shift, no NaN
+    shift, scale = modulation(B, K, seed=25)
+    q, s = lnq(x, shift, scale, L)
+    assert not q.float().isnan().any() and not s.isnan().any()
+    qr, sr = ln_mod_quant_ref(x, shift, scale, L)
+    assert rel_rms(q[2].float() * s[2], qr[2].float() * sr[2]) < 1e-3
+    with pytest.raises(InputError, match="rows_per_batch"):
+        lnq(x, shift, scale, 4)
+    with pytest.raises(InputError, match="shift"):
+        lnq(x, shift[:, :30], scale, L)
