@@ -194,6 +194,44 @@ def _stability_to_diffusers_name(k: str) -> str:
     raise KeyError(f"no diffusers name for MMDiT key {k!r}")
 
 
+class StateDictSource:
+    """A state dict in memory, seen through the Checkpoint read interface (keys/shape/dtype/get), so in-memory
+    weights (a diffusers model built in a benchmark, say) go through the same conversion and checks as files."""
+
+    def __init__(self, state: dict[str, torch.Tensor], name: str = "state dict"):
+        self.state, self.name, self.metadata = state, name, {}
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.state[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+
+def mmdit_from_diffusers_model(dm: torch.nn.Module, cfg: MMDiTConfig | None = None) -> MMDiT:
+    """An MMDiT holding a diffusers SD3Transformer2DModel's weights (converted: fused qkv, swapped halves), on the
+    same device and in the same dtype; for side-by-side runs. Tensors that need no conversion are shared."""
+    cfg = cfg or MMDiTConfig.from_diffusers(dict(dm.config), "diffusers model config")
+    src = StateDictSource(dm.state_dict(), "diffusers model")
+    plan, unknown = plan_from_diffusers(src)
+    if unknown:
+        raise CheckpointError(f"diffusers model: unconvertible keys {list_keys(unknown)}")
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    check_plan(plan, model, src.name)
+    model.load_state_dict({k: p.make() for k, p in plan.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 # --- finding the files -----------------------------------------------------------------------------------------------
 
 def open_mmdit(path: str | Path) -> tuple[Checkpoint, str, MMDiTConfig | None]:

@@ -237,3 +237,12 @@ def test_input_file_untouched(tmp_path, tiny_state):
     before = (path.read_bytes(), path.stat().st_mtime_ns)
     load_mmdit(path)
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_from_diffusers_model_in_memory(saved):
+    _, cfg, dm, _, _ = saved
+    from minisd35.weights import mmdit_from_diffusers_model
+
+    m = mmdit_from_diffusers_model(dm)
+    x, t, ctx, pooled = inputs(cfg)
+    assert rel_rms(m(x, t, ctx, pooled), run_diffusers(dm, x, t, ctx, pooled)) <= 1e-5
