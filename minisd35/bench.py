@@ -1,0 +1,294 @@
+"""`python -m minisd35 bench`: time, memory and energy of one denoising step (and a whole image) on a GPU, for
+minisd35 in bf16 and under each FP8 policy, and for the systems a user would pick instead (diffusers in bf16,
+diffusers + torchao FP8 row-wise, eager and compiled) when those packages are installed: all on the same random
+weights at the real configs, the same inputs, in the same process, so ratios are fair.
+
+Per system: ms/step (median, p20/p80 of >= 10 timed steps after warm-up, CUDA events), first-call time (JIT,
+autotune, compile), peak GPU memory of the step, energy per step from NVML's energy counter (nvidia-ml-py,
+optional), relative RMS error of the step output against minisd35 bf16, weight memory. Then a table, then one JSON
+line (also written to --out): GPU name, driver, torch/triton versions and git commit ride along with every result.
+
+Random weights: generated on the GPU directly in bf16 (8 B parameters would take minutes on a CPU), with the same
+scale rules as weights.random_mmdit_state, so activations are O(1). They lack the outliers trained checkpoints have:
+the error numbers show the mechanics of FP8, not real-image quality.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import MMDiTConfig, get_preset
+from .mmdit import MMDiT
+from .weights import sincos_pos_table
+
+
+def env_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        info["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,power.limit,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+            fields = [s.strip() for s in out.splitlines()[0].split(",")]
+            info["driver"], info["power_limit"], info["gpu_memory"] = fields
+        except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
+            pass
+    try:
+        root = Path(__file__).resolve().parent.parent
+        info["commit"] = os.environ.get("MINISD35_COMMIT") or subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info["commit"] = os.environ.get("MINISD35_COMMIT")
+    for pkg in ("diffusers", "torchao"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # optional peers; any import failure just means "not available"
+            info[pkg] = None
+    return info
+
+
+class NVML:
+    """GPU energy (J, monotonic counter), temperature (C) and power (W) through nvidia-ml-py, if installed."""
+
+    def __init__(self):
+        self.h = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nv = pynvml
+            self.h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        except Exception:  # no NVML: energy numbers are reported as None
+            self.h = None
+
+    def energy_j(self) -> float | None:
+        if self.h is None:
+            return None
+        try:
+            return self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h) / 1000.0
+        except Exception:
+            return None
+
+    def temp_power(self) -> tuple[float | None, float | None]:
+        if self.h is None:
+            return None, None
+        try:
+            return (float(self.nv.nvmlDeviceGetTemperature(self.h, 0)),
+                    self.nv.nvmlDeviceGetPowerUsage(self.h) / 1000.0)
+        except Exception:
+            return None, None
+
+
+def cuda_times(fn: Callable[[], object], iters: int = 10, warmup: int = 2) -> list[float]:
+    """Milliseconds per call, each timed with CUDA events (after `warmup` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(s.elapsed_time(e))
+    return out
+
+
+def stats(ts: list[float]) -> dict:
+    t = sorted(ts)
+    q = lambda f: t[min(len(t) - 1, int(f * (len(t) - 1) + 0.5))]
+    return {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8), "min_ms": t[0], "max_ms": t[-1], "n": len(t)}
+
+
+@torch.no_grad()
+def random_mmdit(cfg: MMDiTConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cuda") -> MMDiT:
+    """A full-size MMDiT with random weights generated on `device` (same scale rules as random_mmdit_state)."""
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "pos_embed":
+            t = sincos_pos_table(cfg.hidden, cfg.pos_embed_max_size)[None].to(device)
+        elif k.endswith((".ln_q.weight", ".ln_k.weight")):
+            t = 1 + 0.1 * torch.randn(v.shape, generator=g, device=device)
+        elif k.endswith(".bias"):
+            t = 0.02 * torch.randn(v.shape, generator=g, device=device)
+        else:
+            t = torch.randn(v.shape, generator=g, device=device, dtype=dtype) / v[0].numel() ** 0.5
+            if "adaLN_modulation" in k:
+                t = t * 0.5
+        state[k] = t.to(dtype)
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(cfg: MMDiTConfig, px: int, batch: int, text_tokens: int = 333, dtype=torch.bfloat16,
+                device="cuda", seed: int = 1):
+    g = torch.Generator(device).manual_seed(seed)
+    lat = px // 8
+    x = torch.randn(batch, cfg.in_channels, lat, lat, generator=g, device=device, dtype=dtype)
+    ctx = torch.randn(batch, text_tokens, cfg.context_dim, generator=g, device=device, dtype=dtype)
+    pooled = torch.randn(batch, cfg.pooled_dim, generator=g, device=device, dtype=dtype)
+    t = torch.full((batch,), 500.0, device=device)
+    return x, t, ctx, pooled
+
+
+def diffusers_from_mmdit(model: MMDiT):
+    """diffusers' SD3Transformer2DModel holding the same weights (a copy), in the model's dtype and device."""
+    from diffusers import SD3Transformer2DModel
+
+    from .weights import to_diffusers
+
+    p = next(model.parameters())
+    with torch.device("meta"):
+        dm = SD3Transformer2DModel(**model.cfg.to_diffusers())
+    sd = to_diffusers({k: v for k, v in model.state_dict().items()}, model.cfg.depth)
+    dm.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
+    return dm.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None, nv: NVML, iters: int = 10,
+            weights_bytes: int | None = None, log=print) -> dict:
+    """One system: first call (compile/autotune), then timed steps with energy, peak memory, error vs ref."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    e0 = nv.energy_j()
+    ts = cuda_times(fn, iters=iters, warmup=2)
+    e1 = nv.energy_j()
+    peak = torch.cuda.max_memory_allocated()
+    rec = {"system": name, **stats(ts), "first_call_s": first, "peak_gib": peak / 2**30,
+           "step_extra_gib": (peak - base) / 2**30,
+           "energy_j_per_step": None if e0 is None or e1 is None else (e1 - e0) / (iters + 2),
+           "rel_rms_vs_bf16": None if ref is None else rel_rms(out.float(), ref.float()),
+           "weights_gib": None if weights_bytes is None else weights_bytes / 2**30,
+           "finite": bool(torch.isfinite(out).all())}
+    log(f"  {name:42s} {rec['median_ms']:8.2f} ms/step [{rec['p20_ms']:.2f}, {rec['p80_ms']:.2f}]  first "
+        f"{first:6.1f}s  peak {rec['peak_gib']:6.2f} GiB  err {rec['rel_rms_vs_bf16'] or 0:.2e}"
+        + (f"  {rec['energy_j_per_step']:.1f} J/step" if rec["energy_j_per_step"] else ""))
+    return rec
+
+
+def sustained(fn: Callable[[], object], seconds: float, nv: NVML) -> dict:
+    """Run fn back to back for `seconds`; GPU temperature and power at the end, energy over the run."""
+    e0, t0, n = nv.energy_j(), time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+        if n % 5 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    temp, power = nv.temp_power()
+    e1 = nv.energy_j()
+    return {"seconds": dt, "steps": n, "temp_c_end": temp, "power_w_end": power,
+            "avg_power_w": None if e0 is None or e1 is None else (e1 - e0) / dt}
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="GPU benchmark: minisd35 bf16/FP8 vs diffusers (+torchao), one step and one image")
+    b.add_argument("--variant", default="sd3.5-large", choices=["sd3.5-large", "sd3.5-medium", "sd3-medium"])
+    b.add_argument("--px", type=int, default=1024)
+    b.add_argument("--batch", type=int, default=2, help="2 = one CFG step for one image")
+    b.add_argument("--policies", default="default,row,tensor,weight-only")
+    b.add_argument("--peers", default="diffusers,torchao", help="comma list; '' for none")
+    b.add_argument("--compile", action="store_true", help="also torch.compile the torchao model (minutes)")
+    b.add_argument("--iters", type=int, default=10)
+    b.add_argument("--out", help="write the JSON here (atomic)")
+    b.set_defaults(func=cmd_bench)
+
+
+def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, policies=("default",),
+              peers=("diffusers", "torchao"), compile_peer: bool = False, iters: int = 10, log=print) -> dict:
+    from . import fp8
+
+    if not torch.cuda.is_available():
+        from .errors import HardwareError
+
+        raise HardwareError("bench needs a CUDA GPU")
+    nv = NVML()
+    res = {"env": env_info(), "variant": variant, "px": px, "batch": batch, "systems": []}
+    cfg = get_preset(variant).mmdit
+    log(f"{variant} {px}px batch {batch} on {res['env'].get('gpu')}")
+    model = random_mmdit(cfg)
+    inputs = step_inputs(cfg, px, batch)
+    with torch.inference_mode():
+        ref = model(*inputs)
+        wb = fp8.weight_bytes(model)
+        res["systems"].append(measure("minisd35 bf16", lambda: model(*inputs), ref, nv, iters, wb, log))
+        if "diffusers" in peers:
+            dm = diffusers_from_mmdit(model)
+            x, t, ctx, pooled = inputs
+            call = lambda: dm(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
+                              return_dict=False)[0]
+            res["systems"].append(measure("diffusers bf16 eager", call, ref, nv, iters, wb, log))
+            if "torchao" in peers:
+                try:
+                    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+                    quantize_(dm, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+                    res["systems"].append(measure("diffusers+torchao fp8 row eager", call, ref, nv, iters, None, log))
+                    if compile_peer:
+                        dmc = torch.compile(dm)
+                        callc = lambda: dmc(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
+                                            pooled_projections=pooled, return_dict=False)[0]
+                        res["systems"].append(measure("diffusers+torchao fp8 row compiled", callc, ref, nv, iters,
+                                                      None, log))
+                except ImportError as e:
+                    log(f"  torchao not available: {e}")
+            del dm
+            gc.collect()
+            torch.cuda.empty_cache()
+        state = {k: v for k, v in model.state_dict().items()}
+        for pol in policies:
+            with torch.device("meta"):
+                q = MMDiT(cfg)
+            q.load_state_dict(state, assign=True)  # shares the bf16 tensors; quantize replaces the linears
+            fp8.quantize(q, pol)
+            res["systems"].append(measure(f"minisd35 fp8 {pol}", lambda q=q: q(*inputs), ref, nv, iters,
+                                          fp8.weight_bytes(q), log))
+            del q
+            gc.collect()
+            torch.cuda.empty_cache()
+    return res
+
+
+def cmd_bench(args) -> int:
+    from .checkpoint import write_atomic
+
+    res = run_bench(args.variant, args.px, args.batch, tuple(p for p in args.policies.split(",") if p),
+                    tuple(p for p in args.peers.split(",") if p), args.compile, args.iters)
+    line = json.dumps(res)
+    if args.out:
+        write_atomic(args.out, lambda tmp: Path(tmp).write_text(line + "\n"), force=True)
+    print(line)
+    return 0
