@@ -1,0 +1,524 @@
+"""Check and benchmark every Triton kernel in kernels/ on one GPU, against torch baselines, in one run.
+
+    python bench/kernels_gpu.py                 # on an H100 / H200: real SD3.5 shapes, about 4-6 minutes
+    python bench/kernels_gpu.py --smoke         # tiny shapes; also runs on a CPU (sets TRITON_INTERPRET=1)
+
+What it measures (each section is independent: an exception is recorded and the run goes on):
+  device    GPU name, driver, CUDA / torch / triton versions, git commit; device-to-device copy bandwidth
+            (bytes read + written), the yardstick for the memory-bound kernels
+  quant     quant_fp8 per token / per tensor at M=8858, K=2432 and 9728: agreement with quant_fp8_ref, GB/s,
+            % of copy bandwidth (target >= 80%)
+  gemm      fp8_gemm at M=8858 on the SD3.5 Large (and Medium) linears: relative RMS error vs fp8_gemm_ref, then
+            TFLOP/s of the Triton kernel (precise accumulation = default, fast_accum, and the precise variant via
+            max_num_imprecise_acc) against torch._scaled_mm row-wise / per-tensor (slow and fast accumulation)
+            and bf16 F.linear; the fused epilogues (fc1 + GELU, fc2 + gated residual) against unfused torch;
+            dynamic activation quantisation + GEMM against F.linear (target: Triton >= 1.0x _scaled_mm row-wise)
+  accum     fast_accum on / off at K = 9728 (fc2): error of each path against an fp64 reference, on zero-mean
+            and on all-positive data (the worst case for an accumulator that drops low bits)
+  dequant   dequant_gemm (fp8 type and uint8 bit decoding): M = 2 adaLN GEMVs against bf16 F.linear (target
+            >= 1.6x faster; also timed inside a CUDA graph, which removes the Python launch cost) and M = 8858
+            (target <= 1.15x F.linear's time)
+  ln        ln_mod_quant / ln_mod at M = 8858: agreement with the reference, GB/s, % of copy bandwidth, against
+            the unfused torch sequence
+Timing: triton.testing.do_bench median (20th / 80th percentiles kept), after one warm-up call that also runs
+the autotuner (its duration is recorded as first_call_s, unless a correctness check ran the kernel first). A
+time budget (--budget, default 300 s; the run must stay under 6 minutes on an H100 with a cold Triton cache)
+skips the remaining measurements instead of overrunning: memory-bound sections run first, the GEMM after them,
+the accumulation study last. Output: tables on stdout, one final JSON line, and $OUT/kernels.json
+(OUT defaults to /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+LARGE = {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728), "fc2": (9728, 2432)}  # name: (K, N)
+MEDIUM = {"m.qkv": (1536, 4608), "m.proj": (1536, 1536), "m.fc1": (1536, 6144), "m.fc2": (6144, 1536)}
+ADALN = {"large adaLN": (2432, 6 * 2432), "medium adaLN (MMDiT-X)": (1536, 9 * 1536)}
+M_TOKENS, BATCH = 8858, 2  # 2 x (4096 image + 333 text tokens): SD3.5 at 1024 px with CFG
+
+
+class Bench:
+    """Run-wide state: device, shapes, time budget, and the timing helper."""
+
+    def __init__(self, smoke: bool, budget_s: float):
+        from kernels._common import interpreting
+
+        self.smoke = smoke
+        self.dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+        self.t0 = time.time()
+        self.deadline = self.t0 + budget_s
+        self.skipped: list[str] = []
+        if smoke:  # tiny, odd shapes; K and N multiples of 16 so that _scaled_mm can run too
+            self.M, self.B = 70, 2
+            self.large = {"qkv": (64, 96), "fc1": (64, 128), "fc2": (128, 48)}
+            self.medium = {"m.fc1": (48, 64)}
+            self.adaln = {"adaLN": (64, 96)}
+            self.quant_k = [72, 300]
+            self.ln_k = [72]
+            self.copy_mb = 4
+        else:
+            self.M, self.B = M_TOKENS, BATCH
+            self.large, self.medium, self.adaln = LARGE, MEDIUM, ADALN
+            self.quant_k = [2432, 9728]
+            self.ln_k = [2432, 1536]
+            self.copy_mb = 1024
+
+    def out_of_time(self, what: str) -> bool:
+        if time.time() < self.deadline:
+            return False
+        self.skipped.append(what)
+        print(f"  (time budget spent: skipping {what})")
+        return True
+
+    def sync(self):
+        if self.dev == "cuda":
+            torch.cuda.synchronize()
+
+    def time(self, fn, *args, graph: bool = False, **kwargs) -> dict:
+        """Time fn(*args, **kwargs): one warm-up call (which runs the autotuner the first time), then the median
+        and the 20th / 80th percentiles in ms; graph=True replays it inside a CUDA graph (no launch overhead)."""
+        call = lambda: fn(*args, **kwargs)
+        t = time.time()
+        call()
+        self.sync()
+        rec = {"first_call_s": round(time.time() - t, 3)}
+        if self.dev == "cuda":
+            import triton.testing
+
+            bench = triton.testing.do_bench_cudagraph if graph else triton.testing.do_bench
+            ms = bench(call, quantiles=[0.5, 0.2, 0.8])
+        else:  # smoke run on the CPU interpreter: a wall-clock stand-in, meaningless as a number
+            runs = []
+            for _ in range(3):
+                t = time.perf_counter()
+                call()
+                runs.append((time.perf_counter() - t) * 1e3)
+            runs.sort()
+            ms = [runs[1], runs[0], runs[2]]
+        rec.update(ms=ms[0], p20=ms[1], p80=ms[2])
+        return rec
+
+
+def section(results: dict, name: str, fn, *args) -> None:
+    """Run one section; on an exception record the traceback under results[name] and carry on."""
+    print(f"\n=== {name} ===", flush=True)
+    t = time.time()
+    try:
+        results[name] = fn(*args)
+    except Exception:  # a failing kernel must not stop the others
+        tb = traceback.format_exc()
+        print(tb, flush=True)
+        results[name] = {"error": tb.strip().splitlines()[-1], "traceback": tb}
+    results[name]["section_s"] = round(time.time() - t, 1)
+
+
+def measure(rows: list, row: dict, fn, *args, **kwargs) -> dict:
+    """rows.append(row updated with fn(*args, **kwargs)); an exception becomes the row's 'error' field."""
+    try:
+        row.update(fn(*args, **kwargs))
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print(f"  {row}: {row['error']}", flush=True)
+    rows.append(row)
+    return row
+
+
+# Unfused torch sequences the fused kernels replace (what the model would run with torch._scaled_mm or bf16).
+def scaled_mm_gelu(a, sa, w, sw, bias):
+    from kernels.fp8_gemm import scaled_mm
+
+    return F.gelu(scaled_mm(a, sa, w, sw, bias), approximate="tanh")
+
+
+def linear_gelu(x, w, bias):
+    return F.gelu(F.linear(x, w, bias), approximate="tanh")
+
+
+def gated_residual(y, gate, res):
+    B, N = gate.shape
+    return (res.view(B, -1, N) + gate[:, None] * y.view(B, -1, N)).view(-1, N)
+
+
+def scaled_mm_gated(a, sa, w, sw, bias, gate, res):
+    from kernels.fp8_gemm import scaled_mm
+
+    return gated_residual(scaled_mm(a, sa, w, sw, bias), gate, res)
+
+
+def linear_gated(x, w, bias, gate, res):
+    return gated_residual(F.linear(x, w, bias), gate, res)
+
+
+def quant_then_gemm(x, w, sw, bias):
+    from kernels.fp8_gemm import fp8_gemm
+    from kernels.fp8_quant import quant_fp8
+
+    return fp8_gemm(*quant_fp8(x), w, sw, bias)
+
+
+def tflops(flop: int, t: dict) -> dict:
+    return {**t, "TFLOPs": flop / t["ms"] * 1e-9}
+
+
+def _git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else "unknown"
+    except Exception:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def device_info(b: Bench) -> dict:
+    import triton
+
+    info = {"device": b.dev, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "commit": _git_commit(), "smoke": b.smoke,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if b.dev == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1), driver=_driver())
+    else:
+        info.update(gpu="none (CPU, Triton interpreter)", driver="n/a")
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+    # device-to-device copy: read + write, on a large buffer (the device figure) and at the quant input sizes
+    rows = []
+    sizes = [("large buffer", b.copy_mb * 2**20)] + [(f"bf16 [{b.M}, {k}]", b.M * k * 2) for k in b.quant_k]
+    for label, nbytes in sizes:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=b.dev).random_()
+        dst = torch.empty_like(src)
+        t = b.time(dst.copy_, src)
+        rows.append({"copy": label, "MB": nbytes / 1e6, "ms": t["ms"], "GB/s": 2 * nbytes / t["ms"] * 1e-6})
+        del src, dst
+    from kernels._common import print_table
+
+    print_table(rows, ["copy", "MB", "ms", "GB/s"])
+    info["copy"] = rows
+    info["copy_GBps"] = rows[0]["GB/s"]
+    return info
+
+
+def bench_quant(b: Bench, copy_gbps: float) -> dict:
+    from kernels._common import print_table, rel_rms
+    from kernels.fp8_quant import quant_fp8, quant_fp8_ref
+
+    def run(x, per_token):
+        q, s = quant_fp8(x, per_token)
+        qr, sr = quant_fp8_ref(x, per_token)
+        deq = lambda q, s: q.float() * (s[:, None] if s.numel() > 1 else s)
+        rec = {"codes_differ": (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item(),
+               "rel_err": rel_rms(deq(q, s), deq(qr, sr)), "scales_equal": bool(torch.equal(s, sr))}
+        rec.update(b.time(quant_fp8, x, per_token))
+        moved = x.numel() * (x.element_size() + 1)
+        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps,
+                   torch_ref_ms=b.time(quant_fp8_ref, x, per_token)["ms"])
+        return rec
+
+    rows = []
+    for K in b.quant_k:
+        if b.out_of_time(f"quant K={K}"):
+            break
+        x = torch.randn(b.M, K, device=b.dev, dtype=torch.bfloat16) * 3
+        for per_token in (True, False):
+            measure(rows, {"M": b.M, "K": K, "mode": "per-token" if per_token else "per-tensor"}, run, x, per_token)
+    print_table(rows, ["M", "K", "mode", "rel_err", "codes_differ", "ms", "GBps", "pct_copy", "torch_ref_ms",
+                       "error"])
+    return {"rows": rows}
+
+
+def bench_gemm(b: Bench) -> dict:
+    from kernels._common import print_table, rel_rms
+    from kernels.fp8_gemm import PRECISE_LIMIT, _fp8_gemm, fp8_gemm, fp8_gemm_ref, scaled_mm
+    from kernels.fp8_quant import quant_fp8_ref
+
+    def check(a, sa, w, sw, bias, **kw):
+        return {"rel_err_vs_ref": rel_rms(fp8_gemm(a, sa, w, sw, bias, **kw), fp8_gemm_ref(a, sa, w, sw, bias, **kw))}
+
+    checks, rows, fused = [], [], []
+    M = b.M
+    for name, (K, N) in list(b.large.items()) + list(b.medium.items()):
+        if b.out_of_time(f"gemm {name}"):
+            break
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=b.dev, dtype=torch.bfloat16)
+        wt = torch.randn(N, K, device=b.dev, dtype=torch.bfloat16) * 0.02
+        a, sa = quant_fp8_ref(x)
+        w, sw = quant_fp8_ref(wt)
+        sa1, sw1 = sa.amax().reshape(1), sw.amax().reshape(1)
+        bias = torch.randn(N, device=b.dev, dtype=torch.bfloat16) * 0.1
+        flop = 2 * M * N * K
+        for fast in (False, True):
+            measure(checks, {"layer": name, "K": K, "N": N, "fast_accum": fast}, check, a, sa, w, sw, bias,
+                    fast_accum=fast)
+        # (impl, fn, args, kwargs): every implementation computes the same [M, N] bf16 output
+        impls = [("triton", fp8_gemm, (a, sa, w, sw, bias), {}),
+                 ("triton fast_accum", fp8_gemm, (a, sa, w, sw, bias), {"fast_accum": True}),
+                 ("_scaled_mm row-wise", scaled_mm, (a, sa, w, sw, bias), {}),
+                 ("bf16 F.linear", F.linear, (x, wt, bias), {})]
+        if name in b.large:
+            impls += [
+                ("triton precise via max_num_imprecise_acc", _fp8_gemm,
+                 (a, sa, w, sw, bias, torch.bfloat16, "none", None, None, 0, PRECISE_LIMIT), {}),
+                ("_scaled_mm row-wise fast_accum", scaled_mm, (a, sa, w, sw, bias), {"fast_accum": True}),
+                ("_scaled_mm per-tensor", scaled_mm, (a, sa1, w, sw1, bias), {}),
+                ("_scaled_mm per-tensor fast_accum", scaled_mm, (a, sa1, w, sw1, bias), {"fast_accum": True}),
+                ("triton per-tensor", fp8_gemm, (a, sa1, w, sw1, bias), {}),
+                ("quant_fp8 + triton (whole W8A8 linear)", quant_then_gemm, (x, w, sw, bias), {}),
+            ]
+        for impl, fn, args, kw in impls:
+            if b.out_of_time(f"gemm {name} {impl}"):
+                break
+            measure(rows, {"layer": name, "M": M, "K": K, "N": N, "impl": impl},
+                    lambda fn=fn, args=args, kw=kw: tflops(flop, b.time(fn, *args, **kw)))
+        # the fused epilogues against the unfused sequences the model would otherwise run
+        if name not in ("fc1", "fc2", "proj"):
+            continue
+        if name == "fc1":
+            kw = {"act": "gelu_tanh"}
+            pairs = [("triton fused GELU", fp8_gemm, (a, sa, w, sw, bias), kw),
+                     ("_scaled_mm, then F.gelu", scaled_mm_gelu, (a, sa, w, sw, bias), {}),
+                     ("bf16 F.linear, then F.gelu", linear_gelu, (x, wt, bias), {})]
+        else:
+            res = torch.randn(M, N, device=b.dev, dtype=torch.bfloat16)
+            gate = torch.randn(b.B, N, device=b.dev, dtype=torch.bfloat16)
+            kw = {"gate": gate, "residual": res, "rows_per_batch": M // b.B}
+            pairs = [("triton fused gate + residual", fp8_gemm, (a, sa, w, sw, bias), kw),
+                     ("_scaled_mm, then res + gate * y", scaled_mm_gated, (a, sa, w, sw, bias, gate, res), {}),
+                     ("bf16 F.linear, then res + gate * y", linear_gated, (x, wt, bias, gate, res), {})]
+        measure(checks, {"layer": name, "K": K, "N": N, "epilogue": ",".join(sorted(kw))}, check, a, sa, w, sw,
+                bias, **kw)
+        for impl, fn, args, kw in pairs:
+            if b.out_of_time(f"gemm epilogue {name} {impl}"):
+                break
+            measure(fused, {"layer": name, "M": M, "K": K, "N": N, "impl": impl},
+                    lambda fn=fn, args=args, kw=kw: tflops(flop, b.time(fn, *args, **kw)))
+    print_table(checks, ["layer", "K", "N", "fast_accum", "epilogue", "rel_err_vs_ref", "error"])
+    print_table(rows, ["layer", "M", "K", "N", "impl", "ms", "p20", "p80", "TFLOPs", "first_call_s", "error"])
+    print_table(fused, ["layer", "M", "K", "N", "impl", "ms", "TFLOPs", "first_call_s", "error"])
+    return {"checks": checks, "rows": rows, "fused": fused}
+
+
+def bench_accum(b: Bench) -> dict:
+    """fast_accum on/off at fc2's K: error against fp64, for the Triton kernel and for _scaled_mm."""
+    from kernels._common import print_table, rel_rms
+    from kernels.fp8_gemm import PRECISE_LIMIT, _fp8_gemm, fp8_gemm, fp8_gemm_ref, scaled_mm
+    from kernels.fp8_quant import quant_fp8_ref
+
+    def err(exact, fn, *args, **kw):
+        return {"rel_err_vs_fp64": rel_rms(fn(*args, **kw), exact)}
+
+    K, N = b.large["fc2"]
+    M = min(b.M, 2048)  # the error does not depend on M; a smaller M keeps the fp64 reference cheap
+    f32 = torch.float32
+    rows = []
+    for data in ("zero-mean", "all-positive"):
+        if b.out_of_time(f"accum {data}"):
+            break
+        torch.manual_seed(1)
+        x, wt = torch.randn(M, K, device=b.dev), torch.randn(N, K, device=b.dev) * 0.02
+        if data == "all-positive":  # every partial sum grows: the worst case for dropped low bits
+            x, wt = x.abs(), wt.abs()
+        a, sa = quant_fp8_ref(x)
+        w, sw = quant_fp8_ref(wt)
+        exact = fp8_gemm_ref(a, sa, w, sw, out_dtype=f32, compute_dtype=torch.float64)
+        for impl, fn, args, kw in [
+            ("triton precise (default)", fp8_gemm, (a, sa, w, sw), {"out_dtype": f32}),
+            ("triton fast_accum", fp8_gemm, (a, sa, w, sw), {"out_dtype": f32, "fast_accum": True}),
+            ("triton precise via max_num_imprecise_acc", _fp8_gemm,
+             (a, sa, w, sw, None, f32, "none", None, None, 0, PRECISE_LIMIT), {}),
+            ("_scaled_mm row-wise", scaled_mm, (a, sa, w, sw), {"out_dtype": f32}),
+            ("_scaled_mm row-wise fast_accum", scaled_mm, (a, sa, w, sw), {"out_dtype": f32, "fast_accum": True}),
+            ("fp32 torch matmul of the dequantised operands", fp8_gemm_ref, (a, sa, w, sw), {"out_dtype": f32}),
+        ]:
+            if b.out_of_time(f"accum {data} {impl}"):
+                break
+            measure(rows, {"data": data, "M": M, "K": K, "N": N, "impl": impl}, err, exact, fn, *args, **kw)
+    print_table(rows, ["data", "M", "K", "N", "impl", "rel_err_vs_fp64", "error"])
+    return {"rows": rows}
+
+
+def bench_dequant(b: Bench) -> dict:
+    from kernels._common import print_table, rel_rms
+    from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref
+    from kernels.fp8_quant import quant_fp8_ref
+
+    def run(ref, fn, *args, graph=False, **kw):
+        rec = {} if ref is None else {"rel_err_vs_ref": rel_rms(fn(*args, **kw), ref)}
+        rec.update(b.time(fn, *args, **kw))
+        if graph:
+            rec["graph_ms"] = b.time(fn, *args, graph=True, **kw)["ms"]
+        return rec
+
+    rows = []
+    cases = [(name, 2, K, N) for name, (K, N) in b.adaln.items()]
+    cases += [(f"{name} weight-only", b.M, K, N) for name, (K, N) in list(b.large.items())[:2]]
+    for name, M, K, N in cases:
+        if b.out_of_time(f"dequant {name}"):
+            break
+        torch.manual_seed(2)
+        x = torch.randn(M, K, device=b.dev, dtype=torch.bfloat16)
+        w, sw = quant_fp8_ref(torch.randn(N, K, device=b.dev) * 0.02)
+        wb = (w.float() * sw[:, None]).to(torch.bfloat16)  # the same weight in bf16, for F.linear
+        bias = torch.randn(N, device=b.dev, dtype=torch.bfloat16)
+        ref = dequant_gemm_ref(x, w, sw, bias)
+        graph = b.dev == "cuda" and M <= 16  # launch overhead matters at this size: also time inside a graph
+        base = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": "bf16 F.linear"},
+                       run, None, F.linear, x, wb, bias, graph=graph)
+        for impl, bitcast in [("triton fp8", False), ("triton bitcast", True)]:
+            r = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": impl},
+                        run, ref, dequant_gemm, x, w, sw, bias, bitcast=bitcast, graph=graph)
+            if "ms" in r and "ms" in base:
+                r["speedup_vs_linear"] = base["ms"] / r["ms"]
+                if "graph_ms" in r and "graph_ms" in base:
+                    r["graph_speedup_vs_linear"] = base["graph_ms"] / r["graph_ms"]
+        for r in rows[-3:]:
+            if "ms" in r:
+                r["weight_GBps"] = N * K * (2 if r["impl"].startswith("bf16") else 1) / r["ms"] * 1e-6
+    print_table(rows, ["case", "M", "K", "N", "impl", "rel_err_vs_ref", "ms", "graph_ms", "speedup_vs_linear",
+                       "graph_speedup_vs_linear", "weight_GBps", "first_call_s", "error"])
+    return {"rows": rows}
+
+
+def bench_ln(b: Bench, copy_gbps: float) -> dict:
+    from kernels._common import print_table, rel_rms
+    from kernels.ln_mod_quant import ln_mod, ln_mod_quant, ln_mod_quant_ref, ln_mod_ref
+
+    def run(fn, moved, x, shift, scale, L, check=None):
+        rec = {}
+        if check == "quant":
+            q, s = ln_mod_quant(x, shift, scale, L)
+            qr, sr = ln_mod_quant_ref(x, shift, scale, L)
+            rec = {"rel_err_vs_ref": rel_rms(q.float() * s[:, None], qr.float() * sr[:, None]),
+                   "codes_differ": (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item()}
+        elif check == "bf16":
+            rec = {"rel_err_vs_ref": rel_rms(ln_mod(x, shift, scale, L), ln_mod_ref(x, shift, scale, L))}
+        rec.update(b.time(fn, x, shift, scale, L))
+        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
+        return rec
+
+    rows = []
+    for K in b.ln_k:
+        if b.out_of_time(f"ln K={K}"):
+            break
+        L = b.M // b.B
+        M = L * b.B
+        torch.manual_seed(3)
+        x = torch.randn(M, K, device=b.dev, dtype=torch.bfloat16) * 2 + 0.5
+        mod = torch.randn(b.B, 6 * K, device=b.dev, dtype=torch.bfloat16) * 0.5
+        shift, scale = mod[:, :K], mod[:, K:2 * K]  # strided chunks, as the model passes them
+        moved_q, moved_y = M * K * (2 + 1) + 4 * M, M * K * (2 + 2)
+        for impl, fn, moved, check in [("triton ln_mod_quant", ln_mod_quant, moved_q, "quant"),
+                                       ("torch: layer_norm, modulate, quant", ln_mod_quant_ref, moved_q, None),
+                                       ("triton ln_mod (bf16 out)", ln_mod, moved_y, "bf16"),
+                                       ("torch: layer_norm, modulate", ln_mod_ref, moved_y, None)]:
+            measure(rows, {"M": M, "K": K, "impl": impl}, run, fn, moved, x, shift, scale, L, check=check)
+    print_table(rows, ["M", "K", "impl", "rel_err_vs_ref", "codes_differ", "ms", "GBps", "pct_copy", "first_call_s",
+                       "error"])
+    return {"rows": rows}
+
+
+def targets(res: dict) -> list[dict]:
+    """The brief's GPU targets, each with its measured value and whether it is met."""
+    out = []
+
+    def rows(sec):
+        return res.get(sec, {}).get("rows", []) if isinstance(res.get(sec), dict) else []
+
+    for r in rows("quant"):
+        if r.get("mode") == "per-token" and "pct_copy" in r:
+            out.append({"target": f"quant_fp8 per-token K={r['K']} >= 80% of copy GB/s", "value": r["pct_copy"],
+                        "met": r["pct_copy"] >= 80})
+    g = rows("gemm")
+    for layer in LARGE:
+        t = next((r for r in g if r["layer"] == layer and r["impl"] == "triton" and "ms" in r), None)
+        s = next((r for r in g if r["layer"] == layer and r["impl"] == "_scaled_mm row-wise" and "ms" in r), None)
+        if t and s:
+            out.append({"target": f"fp8_gemm {layer} >= 1.0x _scaled_mm row-wise", "value": s["ms"] / t["ms"],
+                        "met": s["ms"] / t["ms"] >= 1.0})
+    for r in rows("dequant"):
+        if r.get("impl") == "bf16 F.linear" or "ms" not in r or "speedup_vs_linear" not in r:
+            continue
+        if r["M"] <= 16:
+            best = max(r["speedup_vs_linear"], r.get("graph_speedup_vs_linear", 0))
+            out.append({"target": f"dequant {r['case']} {r['impl']} M=2 >= 1.6x F.linear (do_bench; graph)",
+                        "value": r["speedup_vs_linear"], "graph_value": r.get("graph_speedup_vs_linear"),
+                        "met": best >= 1.6})
+        else:
+            out.append({"target": f"dequant {r['case']} {r['impl']} M={r['M']} time <= 1.15x F.linear",
+                        "value": 1 / r["speedup_vs_linear"], "met": 1 / r["speedup_vs_linear"] <= 1.15})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under the Triton interpreter")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds after which remaining measurements skip")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"), help="folder for kernels.json ($OUT)")
+    args = ap.parse_args()
+    if args.smoke and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of kernels.*
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA GPU: use --smoke for the CPU interpreter run", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be fp32
+    b = Bench(args.smoke, args.budget)
+    res: dict = {}
+    section(res, "device", device_info, b)
+    copy_gbps = res["device"].get("copy_GBps", float("nan")) if isinstance(res["device"], dict) else float("nan")
+    # cheap memory-bound kernels first, the GEMM (most compiling and autotuning) after, the error study last, so
+    # that a spent time budget costs the least important measurements
+    section(res, "quant", bench_quant, b, copy_gbps)
+    section(res, "ln", bench_ln, b, copy_gbps)
+    section(res, "dequant", bench_dequant, b)
+    section(res, "gemm", bench_gemm, b)
+    section(res, "accum", bench_accum, b)
+    res["targets"] = targets(res)
+    res["skipped_for_time"] = b.skipped
+    res["wall_s"] = round(time.time() - b.t0, 1)
+    print("\n=== targets ===")
+    from kernels._common import print_table
+
+    print_table(res["targets"], ["target", "value", "graph_value", "met"])
+    failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    print(f"sections with errors: {failed or 'none'}; wall {res['wall_s']} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(res, default=str)
+    (out / "kernels.json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
