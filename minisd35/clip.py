@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
+from .errors import InputError
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"CLIP takes at most {self.cfg.max_positions} tokens, got {ids.shape[1]}")
+            raise InputError(f"CLIP takes at most {self.cfg.max_positions} tokens, got {ids.shape[1]}")
         tm = self.text_model
         x = tm.embeddings(ids)
         penultimate = x

@@ -354,9 +354,8 @@ def _read_json(path: Path) -> dict:
 def _check_kind(role: str, ck: Checkpoint, name: str) -> str:
     """The key prefix of `role`'s tensors in `ck`; a clear error when the file holds something else."""
     comps = detect_components(ck.keys())
-    want = "t5" if role == "t5" else role
-    if want in comps:
-        return comps[want]
+    if role in comps:
+        return comps[role]
     if role != "t5" and "clip" in comps:
         return comps["clip"]
     what = ", ".join(describe_component(c) for c in comps) or "no known SD3 component"
@@ -577,8 +576,10 @@ def load_text_encoders(path: str | os.PathLike | None = None, *, dtype: torch.dt
             search += [path.parent, path.parent.parent]
         elif path.is_dir() and ((path / "text_encoder").is_dir() or (path / "model_index.json").is_file()):
             for role in ROLES:
-                if (path / DIFFUSERS_FOLDERS[role]).is_dir():
-                    add(role, path / DIFFUSERS_FOLDERS[role])
+                d = path / DIFFUSERS_FOLDERS[role]
+                # A text_encoder_3/ with a config but no weights at all (deleted to save 9.5 GB) means: no T5.
+                if d.is_dir() and (role != "t5" or any(d.glob("model*.safetensors*"))):
+                    add(role, d)
             search.append(path)
         elif path.is_dir():
             for role, f in _stability_files(path).items():
@@ -699,7 +700,8 @@ def write_random_text_encoders(root: str | os.PathLike, preset: Preset, seed: in
             state, config = random_t5_state(cfg, seed + i), t5_config_to_hf(cfg)
         else:
             state = random_clip_state(cfg, seed + i, identity_projection=role == "clip_l")
-            config = clip_config_to_hf(cfg, bos_token_id=cfg.vocab_size - 2, pad_token_id=cfg.pad_token_id)
+            pad = cfg.pad_token_id if cfg.pad_token_id < cfg.vocab_size else cfg.eos_token_id
+            config = clip_config_to_hf(cfg, bos_token_id=cfg.vocab_size - 2, pad_token_id=pad)
         state = {k: v.to(dtype) for k, v in state.items()}
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (d / "config.json").write_text(json.dumps(config, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import shutil
 import sys
 import warnings
@@ -514,19 +515,76 @@ def test_bad_inputs_name_the_file(root16, tmp_path):
 def test_transformers_loads_the_written_folders(root):
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    enc = quiet(load_text_encoders, root, dtype=torch.float32)
-    ids = quiet(enc.tokenize, ["a red cube on a table", "wow!"])
-    with torch.no_grad():
-        hf = T5EncoderModel.from_pretrained(root / "text_encoder_3").eval()
-        assert rel(enc.model("t5")(ids["t5"]), hf(ids["t5"]).last_hidden_state) <= 1e-5
-        for role, folder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
-            hf = CLIPTextModelWithProjection.from_pretrained(root / folder).eval()
-            out = hf(ids[role], output_hidden_states=True)
-            hidden, pooled = enc.model(role)(ids[role])
-            assert rel(hidden, out.hidden_states[-2]) <= 1e-5 and rel(pooled, out.text_embeds) <= 1e-5
-            assert hidden.std() > 0.1 and pooled.std() > 0.1  # not degenerate
+    ids = quiet(load_text_encoders(root).tokenize, ["a red cube on a table", "wow!"])
+    for dtype in (torch.float32, torch.bfloat16):
+        enc = quiet(load_text_encoders, root, dtype=dtype)
+        with torch.no_grad():
+            hf = T5EncoderModel.from_pretrained(root / "text_encoder_3", dtype=dtype).eval()
+            got, want = enc.model("t5")(ids["t5"]), hf(ids["t5"]).last_hidden_state
+            assert rel(got, want) <= 1e-5 and (dtype == torch.float32 or torch.equal(got, want))  # bf16: bit-exact
+            for role, folder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+                hf = CLIPTextModelWithProjection.from_pretrained(root / folder, dtype=dtype).eval()
+                out = hf(ids[role], output_hidden_states=True)
+                hidden, pooled = enc.model(role)(ids[role])
+                assert rel(hidden, out.hidden_states[-2]) <= 1e-5 and rel(pooled, out.text_embeds) <= 1e-5
+                assert dtype == torch.float32 or (torch.equal(hidden, out.hidden_states[-2])
+                                                  and torch.equal(pooled, out.text_embeds))
+                assert hidden.float().std() > 0.1 and pooled.float().std() > 0.1  # not degenerate
     assert torch.equal(open_file(root / "text_encoder" / "model.safetensors").get("text_projection.weight"),
                        torch.eye(CLIP_L.width))
+
+
+def _header_only_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A valid fp16 safetensors file whose data part is a hole (sparse): real shapes at no disk cost."""
+    header, offset = {}, 0
+    for k, shape in shapes.items():
+        n = 2 * int(torch.tensor(shape).prod()) if shape else 2
+        header[k] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def test_real_sd3_text_encoder_layouts_are_recognised(tmp_path):
+    """transformers' own CLIP-L / CLIP-G / T5-XXL at the real sizes (built on the meta device), written as
+    header-only Stability files: detected as the SD3 configs, strict key/shape check passes, parameter counts match
+    the spec (CLIP-L 123,650,304 with its projection; CLIP-G 694,659,840; T5-XXL 4,762,310,656 with the embedding
+    counted once)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import T5Config as HFT5Config
+
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        f.truncate(2**30)
+    if probe.stat().st_blocks * 512 > 2**20:
+        pytest.skip("this file system does not support sparse files")
+    real = PRESETS["sd3.5-large"]
+    with torch.device("meta"):
+        models = {
+            "clip_l": CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="quick_gelu", projection_dim=768)),
+            "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, hidden_act="gelu", projection_dim=1280)),
+            "t5": T5EncoderModel(HFT5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240,
+                                            num_layers=24, feed_forward_proj="gated-gelu")),
+        }
+    counts = {}
+    for role, m in models.items():
+        shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        if role == "t5":
+            assert "encoder.embed_tokens.weight" in shapes  # stored twice, as in t5xxl_fp16.safetensors
+        _header_only_safetensors(tmp_path / f"{role}.safetensors", shapes)
+        enc = open_encoder(role, tmp_path / f"{role}.safetensors")
+        assert enc.config == getattr(real, role)
+        counts[role] = sum(math.prod(s.shape) for s in enc.check().values())
+    # CLIP-L single files are read without their projection (identity in SD3): 768*768 fewer.
+    assert counts == {"clip_l": 123_650_304 - 768 * 768, "clip_g": 694_659_840, "t5": 4_762_310_656}
+    with pytest.raises(CheckpointError, match="CLIP-G, not CLIP-L; pass it as clip_g="):
+        open_encoder("clip_l", tmp_path / "clip_g.safetensors")
 
 
 if __name__ == "__main__":
