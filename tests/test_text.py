@@ -19,7 +19,7 @@ import torch
 
 from minisd35.checkpoint import open_file, save_safetensors
 from minisd35.config import PRESETS, CLIPConfig, T5Config
-from minisd35.errors import CheckpointError
+from minisd35.errors import CheckpointError, InputError
 from minisd35.t5 import relative_position_bucket
 from minisd35.text import (
     iter_raw_state,
@@ -327,8 +327,11 @@ def test_release_reloads_and_bf16_runs(root):
     assert enc._models == {}
     assert torch.equal(quiet(enc.encode, ["a red cube"])[0], a[0])
     bf = quiet(load_text_encoders, root)  # default bf16
-    ctx, pooled = bf.encode(["a red cube"])
+    ctx, pooled = bf.to("cpu").encode(["a red cube"])
     assert ctx.dtype == pooled.dtype == torch.bfloat16 and rel(ctx, a[0]) < 0.05
+    assert quiet(load_text_encoders(root, t5_tokens=512).encode, ["a"])[0].shape == (1, 77 + 512, T5.d_model)
+    with pytest.raises(InputError, match="1..512"):
+        load_text_encoders(root, t5_tokens=513)
 
 
 # --------------------------------------------------------------------------------------------------------------------
