@@ -54,25 +54,25 @@ def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, swap: bool, group: 
 
 # GEMV (M <= 16): narrow N tiles so that N = 14592 gives 114-456 programs, long K tiles so each one keeps several
 # 8-32 KB weight loads in flight. GEMM: the usual bf16 Hopper tiles (BLOCK_K 64), with and without the swap.
-GEMV_CONFIGS = pick_configs(
-    gpu=[_cfg(16, 32, 256, 4, 4, True), _cfg(16, 64, 256, 4, 4, True), _cfg(16, 64, 128, 4, 4, True),
-         _cfg(16, 128, 128, 4, 4, True), _cfg(16, 128, 256, 3, 8, True), _cfg(16, 32, 512, 3, 4, True),
-         _cfg(16, 64, 256, 4, 4, False)],
-    cpu=[_cfg(16, 32, 32, 1, 4, True)],
-)
-GEMM_CONFIGS = pick_configs(
-    gpu=[_cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 8, False),
-         _cfg(128, 128, 64, 4, 4, False), _cfg(64, 256, 64, 4, 4, False), _cfg(128, 64, 64, 4, 4, False),
-         _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True)],
-    cpu=[_cfg(32, 32, 32, 1, 4, False, group=2)],
-)
+GEMV_CONFIGS = [
+    _cfg(16, 32, 256, 4, 4, True), _cfg(16, 64, 256, 4, 4, True), _cfg(16, 64, 128, 4, 4, True),
+    _cfg(16, 128, 128, 4, 4, True), _cfg(16, 128, 256, 3, 8, True), _cfg(16, 32, 512, 3, 4, True),
+    _cfg(16, 64, 256, 4, 4, False),
+]
+GEMM_CONFIGS = [
+    _cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 8, False),
+    _cfg(128, 128, 64, 4, 4, False), _cfg(64, 256, 64, 4, 4, False), _cfg(128, 64, 64, 4, 4, False),
+    _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
+]
+# the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
+CPU_GEMV_CONFIGS, CPU_GEMM_CONFIGS = [_cfg(16, 32, 32, 1, 4, True)], [_cfg(32, 32, 32, 1, 4, False, group=2)]
 
 
 @triton.jit
 def e4m3_bits_to_float(u):
     """uint8 E4M3 codes -> fp32 values by bit manipulation (see the module docstring); NaN for 0x7F / 0xFF."""
-    u = u.to(tl.uint16)
-    h = (((u & 0x7F) << 7) | ((u & 0x80) << 8)).to(tl.float16, bitcast=True)
+    u = u.to(tl.int32)  # widen first (Triton versions differ on how uint8 op int-literal promotes)
+    h = (((u & 0x7F) << 7) | ((u & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
     v = h.to(tl.float32) * 256.0
     return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
 
@@ -144,8 +144,8 @@ def _dequant_gemm_kernel(
 
 # One kernel, two autotuned launchers with different config sets (both keyed on the layer shape N, K).
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_dequant_gemm_kernel)
-_gemv = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BITCAST"])(_even_k)
-_gemm = triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "BITCAST"])(_even_k)
+_gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_even_k)
+_gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS), key=["N", "K", "BITCAST"])(_even_k)
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -47,19 +47,22 @@ from kernels._common import (
 )
 from minisd35.errors import InputError
 
-# MODE (a tl.constexpr): what one launch does.
-ROW, AMAX, TENSOR, STATIC = 0, 1, 2, 3  # per-row scales | per-tensor amax only | cast with scale from amax | given
+# MODE: what one launch does. Globals that a kernel reads must be tl.constexpr (Triton refuses plain Python
+# globals in compiled code); the wrapper passes MODE=mode.value.
+ROW = tl.constexpr(0)  # per-row amax, scale and cast
+AMAX = tl.constexpr(1)  # per-tensor, launch 1: amax only (atomic max into one fp32)
+TENSOR = tl.constexpr(2)  # per-tensor, launch 2: scale from that amax, cast
+STATIC = tl.constexpr(3)  # the scale is given: cast only
 
 # BLOCK_M rows per program x num_warps. BLOCK_K is not tuned: it is the row width rounded up to a power of two
 # (or 4096 for rows wider than MAX_ROW_TILE), and prune_row_tiles drops configs whose tile would not fit in
 # registers or would leave threads idle.
-QUANT_CONFIGS = pick_configs(
-    gpu=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8) for w in (4, 8, 16)],
-    cpu=[triton.Config({"BLOCK_M": 2}, num_warps=4)],
-)
+QUANT_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8) for w in (4, 8, 16)]
+CPU_CONFIGS = [triton.Config({"BLOCK_M": 2}, num_warps=4)]  # the interpreter: one config, nothing to time
 
 
-@triton.autotune(configs=QUANT_CONFIGS, key=["K", "MODE"], prune_configs_by={"early_config_prune": prune_row_tiles})
+@triton.autotune(configs=pick_configs(QUANT_CONFIGS, CPU_CONFIGS), key=["K", "MODE"],
+                 prune_configs_by={"early_config_prune": prune_row_tiles})
 @triton.jit
 def _quant_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr,  # x [M, K] (row stride stride_xm), q [M, K] contiguous, scale [M] or [1]
@@ -141,11 +144,11 @@ def quant_fp8(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | Non
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with on_device(dev):
         amax = out_scale  # unused unless per-tensor
-        if mode == TENSOR:  # launch 1 of 2: amax over the whole tensor (atomic max into one fp32)
+        if mode is TENSOR:  # launch 1 of 2: amax over the whole tensor (atomic max into one fp32)
             amax = torch.zeros(1, dtype=torch.float32, device=dev)
-            _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=AMAX, ONE_TILE=one_tile,
+            _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=AMAX.value, ONE_TILE=one_tile,
                                 ROUND_FIRST=interpreting(), BLOCK_K=block_k)
-        _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=mode, ONE_TILE=one_tile,
+        _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=mode.value, ONE_TILE=one_tile,
                             ROUND_FIRST=interpreting(), BLOCK_K=block_k)
     return q, out_scale
 

@@ -356,3 +356,127 @@ def test_ln_mod_quant_constant_row_and_bad_arguments():
         lnq(x, shift, scale, 4)
     with pytest.raises(InputError, match="shift"):
         lnq(x, shift[:, :30], scale, L)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the compiled GPU path, without a GPU: Triton's own compiler and its bundled ptxas build each kernel for Hopper
+# (sm90), Ada (sm89) and Ampere (sm80, the weight-only bit-decoding path) on the CPU. This catches what the
+# interpreter cannot: Python globals the compiler refuses, type promotion that differs once compiled, shared memory
+# beyond the device, a main loop that is not software-pipelined, a "precise" accumulation that got fused away.
+
+_AOT_SCRIPT = r'''
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, ln_mod_quant
+
+def jit_fn(k):
+    while not isinstance(k, triton.runtime.jit.JITFunction):
+        k = k.fn
+    return k
+
+out = []
+def build(name, kernel, sig, consts, arch, cfg=None, warps=4, stages=3):
+    fn = jit_fn(kernel)
+    if cfg is not None:
+        consts, warps, stages = {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
+    signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
+    # what the launcher attaches at run time: 16-byte aligned pointers, strides / N / K divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")
+             or (signature[n] == "i32" and (n.startswith("stride") or n in ("N", "K")))}
+    rec = {"name": name, "arch": arch}
+    try:
+        k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+        rec.update(ok=True, shared=k.metadata.shared, fadd=k.asm["ptx"].count("add.f32"))
+    except Exception as e:
+        rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
+    out.append(rec)
+
+q_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_ptr": "*fp32", "M": "i32", "K": "i32",
+         "stride_xm": "i32"}
+for mode in range(4):
+    for one_tile in (True, False):
+        build(f"quant mode={mode} one_tile={one_tile}", fp8_quant._quant_kernel, q_sig,
+              dict(MODE=mode, ONE_TILE=one_tile, ROUND_FIRST=False, BLOCK_M=1, BLOCK_K=4096), 90, warps=8)
+build("quant sm89", fp8_quant._quant_kernel, q_sig, dict(MODE=0, ONE_TILE=True, ROUND_FIRST=False, BLOCK_M=2,
+      BLOCK_K=4096), 89, warps=8)
+
+g_sig = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+         "bias_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+         "rows_per_batch": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_gb": "i32",
+         "stride_rm": "i32"}
+big = fp8_gemm.GEMM_CONFIGS[0]
+for acc in (0, 1, 2):
+    build(f"gemm acc={acc}", fp8_gemm._fp8_gemm_kernel, g_sig, dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True,
+          ACT="none", HAS_GATE=False, HAS_RES=False, ACC_MODE=acc, EVEN_K=True), 90, cfg=big)
+build("gemm gelu + gate + residual, per-tensor, K tail, fp32 out", fp8_gemm._fp8_gemm_kernel,
+      {**g_sig, "out_ptr": "*fp32", "res_ptr": "*fp32"}, dict(A_PER_ROW=False, W_PER_COL=False, HAS_BIAS=True,
+      ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True, ACC_MODE=1, EVEN_K=False), 90, cfg=big)
+for cfg in fp8_gemm.GEMM_CONFIGS[1:]:
+    build(f"gemm config {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", fp8_gemm._fp8_gemm_kernel, g_sig,
+          dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="none", HAS_GATE=False, HAS_RES=False,
+          ACC_MODE=1, EVEN_K=True), 90, cfg=cfg)
+build("gemm sm89", fp8_gemm._fp8_gemm_kernel, g_sig, dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True,
+      ACT="none", HAS_GATE=False, HAS_RES=False, ACC_MODE=1, EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+      GROUP_M=8), 89, warps=4)
+
+d_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
+gemv, gemm = fp8_dequant_gemm.GEMV_CONFIGS, fp8_dequant_gemm.GEMM_CONFIGS
+swap = lambda cfgs, s: next(c for c in cfgs if c.kwargs["SWAP_AB"] == s)
+for cfg in (swap(gemv, True), swap(gemv, False), swap(gemm, True), swap(gemm, False)):  # each code path once
+    for bitcast in (False, True):
+        build(f"dequant {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemm_kernel,
+              {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig,
+              dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, DOT_F32=False, EVEN_K=True), 90, cfg=cfg)
+for cfg in (fp8_dequant_gemm.GEMV_CONFIGS[1], fp8_dequant_gemm.GEMM_CONFIGS[2]):
+    build(f"dequant sm80 bitcast {cfg.kwargs}", fp8_dequant_gemm._dequant_gemm_kernel,
+          {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
+          dict(W_PER_COL=False, HAS_BIAS=False, BITCAST=True, DOT_F32=False, EVEN_K=False), 80, cfg=cfg)
+
+l_sig = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": "*fp8e4nv", "y_scale_ptr": "*fp32",
+         "M": "i32", "K": "i32", "rows_per_batch": "i32", "eps": "fp32", "stride_xm": "i32", "stride_shift": "i32",
+         "stride_scale": "i32", "stride_ym": "i32"}
+for quant in (True, False):
+    build(f"ln_mod quant={quant}", ln_mod_quant._ln_mod_kernel, l_sig if quant else {**l_sig, "y_ptr": "*bf16"},
+          dict(QUANT=quant, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
+               Y_DT=tl.bfloat16, BLOCK_M=2, BLOCK_K=4096), 90, warps=8)
+json.dump(out, sys.stdout)
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_the_gpu():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the compiled path, in a fresh process
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0 and "ptxas" in proc.stderr:
+        pytest.skip(f"no usable ptxas: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    builds = {(r["name"], r["arch"]): r for r in json.loads(proc.stdout)}
+    failed = [f"{n} sm{a}: {r['error']}" for (n, a), r in builds.items() if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    smem_limit = {90: 227 * 1024, 89: 99 * 1024, 80: 163 * 1024}  # the most one program may use: H100, L40/4090, A100
+    for (name, arch), r in builds.items():
+        assert r["shared"] <= smem_limit[arch], (name, arch, r["shared"])
+    # the main loop is software-pipelined (operand tiles of several K steps in flight), not load-then-compute
+    big = fp8_gemm.GEMM_CONFIGS[0]
+    stage = (big.kwargs["BLOCK_M"] + big.kwargs["BLOCK_N"]) * big.kwargs["BLOCK_K"]  # fp8: one byte per element
+    assert builds[("gemm acc=1", 90)]["shared"] >= stage * (big.num_stages - 1)
+    # precise accumulation really promotes: fp32 adds of the per-K-tile MMA result into the accumulator, one per
+    # accumulator element per thread (BLOCK_M * BLOCK_N / threads), which the fast path does not have
+    per_thread = big.kwargs["BLOCK_M"] * big.kwargs["BLOCK_N"] // (32 * big.num_warps)
+    fast, precise, limit = (builds[(f"gemm acc={i}", 90)]["fadd"] for i in range(3))
+    assert precise - fast >= per_thread and limit - fast >= per_thread
