@@ -214,7 +214,8 @@ class VAE(nn.Module):
         """latents [B, 16, h, w] straight from the sampler -> image [B, 3, 8h, 8w] in the VAE's dtype, about [-1, 1].
 
         tile=None (default) decodes the whole latent at once unless it would not fit: the memory budget is
-        `max_memory_bytes` if given, else on CUDA the free device memory (torch.cuda.mem_get_info), else unlimited.
+        `max_memory_bytes` if given, else on CUDA the free device memory (torch.cuda.mem_get_info plus what torch's
+        caching allocator holds unused), else (CPU) unlimited.
         When `decode_memory_bytes` exceeds the budget it first decodes one image at a time (exact), and if one image
         still does not fit it tiles, with the largest square tile that fits. tile=T (latent pixels) forces tiles of
         T x T latents overlapping by `overlap` latents (default T // 4).
@@ -231,8 +232,9 @@ class VAE(nn.Module):
         B, _, h, w = z.shape
         if tile is None:
             budget = max_memory_bytes
-            if budget is None and z.device.type == "cuda":
-                budget = torch.cuda.mem_get_info(z.device)[0]
+            if budget is None and z.device.type == "cuda":  # free on the device + cached by torch but unused
+                budget = torch.cuda.mem_get_info(z.device)[0] + torch.cuda.memory_reserved(z.device) \
+                    - torch.cuda.memory_allocated(z.device)
             if budget is None or self.decode_memory_bytes(B, h, w) <= budget:
                 return self.decoder(z)
             if B > 1 and self.decode_memory_bytes(1, h, w) <= budget:
@@ -327,6 +329,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images. Like diffusers' postprocess: (x*0.5 + 0.5).clamp(0, 1) in the tensor's
     own dtype (bf16 for a bf16 VAE: that rounding is part of the result), then float32, *255, round half to even,
     uint8. (The Stability reference clamps in fp32 and truncates instead of rounding: images differ by <= 1 level.)"""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"to_pil: images must be [B, 3, H, W]; got {tuple(images.shape)}")
     x = (images * 0.5 + 0.5).clamp(0, 1).float()
     x = (x.detach().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     return [Image.fromarray(a) for a in x]
@@ -399,11 +403,12 @@ def config_from_diffusers(c: dict, source: str = "config.json") -> VAEConfig:
     if c.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ConfigError(f"{source}: _class_name {c['_class_name']!r} is not AutoencoderKL")
     try:
-        cfg = VAEConfig(in_channels=int(c.get("in_channels", 3)), latent_channels=int(c["latent_channels"]),
-                        block_out_channels=tuple(int(x) for x in c["block_out_channels"]),
+        # missing entries take diffusers' AutoencoderKL defaults, as from_pretrained would
+        cfg = VAEConfig(in_channels=int(c.get("in_channels", 3)), latent_channels=int(c.get("latent_channels", 4)),
+                        block_out_channels=tuple(int(x) for x in c.get("block_out_channels", [64])),
                         layers_per_block=int(c.get("layers_per_block", 1)),
                         norm_groups=int(c.get("norm_num_groups", 32)),
-                        scaling_factor=float(c.get("scaling_factor", 1.0)),
+                        scaling_factor=float(c.get("scaling_factor", 0.18215)),
                         shift_factor=float(c.get("shift_factor") or 0.0))
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: not an AutoencoderKL config ({type(e).__name__}: {e})") from None
