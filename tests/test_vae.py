@@ -180,6 +180,11 @@ def test_loading_is_strict_and_errors_name_file_and_keys(tmp_path):
     f = save_safetensors({k: v for k, v in ldm.items() if k != gone}, tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match=r"m\.safetensors.*1 missing: decoder\.up_blocks\.1\.resnets\.0\.conv2"):
         load_vae(f, config=cfg)
+    # a decoder-only file needs with_encoder=False
+    f = save_safetensors({k: v for k, v in ldm.items() if k.startswith("decoder.")}, tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match="with_encoder=False"):
+        load_vae(f, config=cfg)
+    assert load_vae(f, config=cfg, with_encoder=False).encoder is None
     # wrong shape: a diffusers folder whose config.json says more channels than the weights have
     d = write_random_vae(tmp_path / "vae", cfg, seed=0)
     c = json.loads((d / "config.json").read_text())
