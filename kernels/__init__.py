@@ -1,6 +1,18 @@
 """Triton kernels for minisd35's FP8 paths. One kernel per file; each file carries its own torch reference and a
-`__main__` that checks against it first and benchmarks second. Nothing here is imported unless triton is installed;
-`HAS_TRITON` says whether it is."""
+`__main__` that checks against it first and benchmarks second (`python -m kernels.fp8_gemm`, or with
+TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and writes one JSON.
+
+    fp8_quant.py         quant_fp8(x, per_token=True, scale=None) -> (x_fp8, scale)       activations -> E4M3
+    fp8_gemm.py          fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
+                         fast_accum) -> out                                               W8A8 GEMM + epilogue
+                         scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, fast_accum)   the torch._scaled_mm path
+    fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None) -> y             weight-only FP8 (any GPU)
+    ln_mod_quant.py      ln_mod_quant(x, shift, scale, rows_per_batch, eps) -> (y_fp8, y_scale), ln_mod(...) -> y
+Every one has a `*_ref` twin in plain torch with the same semantics. Conventions (scale = dequant multiplier,
+amax / 448, clamp before every cast) are in _common.py.
+
+Nothing here is imported unless triton is installed; `HAS_TRITON` says whether it is. Kernels run on CUDA tensors,
+or on CPU tensors when TRITON_INTERPRET=1 was set before the kernel modules were first imported."""
 
 try:
     import triton  # noqa: F401

@@ -6,8 +6,15 @@ FP8 conventions used by every kernel (the lead's fp8.py relies on exactly these)
     E4M3 = torch.float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; largest finite value 448; no Inf;
     0x7F / 0xFF are NaN. A "scale" is always the DEQUANT multiplier, x ~= x_fp8.float() * scale, with
     scale = max(amax, 1e-12) / 448 in fp32 (the floor keeps an all-zero row from dividing by zero).
+    Quantising multiplies by the inverse, x * (448 / max(amax, 1e-12)), both divisions IEEE and once per row.
     Every cast clamps to +-448 first: eager PyTorch casts 465 to NaN on older versions, the Triton interpreter
     wraps 1000 to 256, and only the GPU's `cvt.rn.satfinite` saturates on its own.
+
+Where the Triton interpreter (TRITON_INTERPRET=1, used by the CPU tests) is not faithful to the GPU, and what the
+kernels do about it (all of it is switched off in compiled code):
+    fp32 -> e4m3 and fp32 -> bf16 casts are not round-to-nearest-even  -> ROUND_FIRST: round in fp32 first
+    tl.dot on bf16 tiles multiplies the raw 16-bit patterns           -> dequant_gemm's DOT_F32
+    range(K) over a kernel argument fails with NumPy >= 2.4            -> _fix_interpreter_loop_bounds below
 """
 
 from __future__ import annotations

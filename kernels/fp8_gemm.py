@@ -10,8 +10,8 @@ requires of its two inputs: the tile of W loaded as [BLOCK_K, BLOCK_N] is W^T "i
 The epilogue runs on the fp32 accumulator before the one rounding to out_dtype: act="gelu_tanh" is fc1 of the
 MLP; gate/residual is the adaLN gated residual after proj and fc2 (gate [B, N] from the modulation, residual
 [M, N] the block's input stream, M = B * rows_per_batch). Fusing them saves two or three full passes over the
-[M, N] output per layer, which for a DiT block is most of what the unfused FP8 path loses to bf16 (see
-docs/fp8_landscape.md 1.1: eager FP8 without fusion is slower than bf16).
+[M, N] output per layer, which for a DiT block is most of what an unfused FP8 path loses to bf16 (measured by
+others on H100: eager, unfused torchao FP8 is slower than bf16; only compiled, fused FP8 is faster).
 
 The accumulator story (why `fast_accum` exists and defaults to False):
   an FP8 tensor-core MMA on Hopper/Ada does not accumulate in true fp32. The products are summed into an
@@ -23,9 +23,11 @@ The accumulator story (why `fast_accum` exists and defaults to False):
   of K from zero, `acc += tl.dot(a, b)`, and adds it into a separate fp32 register tile with ordinary fp32 adds:
   promotion every <= 128 products, as cuBLAS / CUTLASS slow-accum and DeepGEMM do. Triton only fuses
   `acc + dot(a, b, 0)` back into one accumulating dot when max_num_imprecise_acc is 0, which it is not for fp8 on
-  sm90, so the promotion survives compilation. It costs some speed (the fp32 adds are not overlapped with the next
-  MMA as well); SD3.5's fc2 has K = 9728, the worst case for the drift, and bench/kernels_gpu.py measures both
-  (time and error against an fp64 reference) so the default can be revisited with numbers.
+  sm90, so the promotion survives compilation (tests/test_kernels.py compiles both for sm90 and counts the fp32
+  adds). A third variant, `tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)`, has the compiler insert the same
+  promotion; bench/kernels_gpu.py times it too. Promotion costs some speed (the adds are not overlapped with the
+  next MMA as well); SD3.5's fc2 has K = 9728, the worst case for the drift, and the bench measures all three
+  (time, and error against an fp64 reference) so that the default can be revisited with numbers.
 
 Tiling: BLOCK_M x BLOCK_N output tiles, K walked in BLOCK_K steps, tiles visited in GROUP_M-row groups so that
 neighbouring programs share A rows and W columns in L2 (the Triton matmul tutorial's ordering). Row and column

@@ -1,21 +1,25 @@
 """Activation quantisation to FP8 E4M3: x [M, K] in bf16/fp16/fp32 -> (x_fp8 [M, K] float8_e4m3fn, scale fp32).
 
 Per token (the default, one scale per row, shape [M]): one program owns BLOCK_M rows. It reads the rows once,
-takes amax = max|x| per row, sets scale = max(amax, 1e-12) / 448, writes x / scale clamped to +-448 as E4M3 and
-the scale. When a row fits in registers (K <= 16384) the row is loaded once and kept, so the kernel moves exactly
-M*K*(in bytes + 1) + 4*M bytes: it is a copy with a reduction in the middle, and the target is the device's copy
-bandwidth (>= 80% of it at M=8858, K=2432 and K=9728). Wider rows are streamed twice (amax pass, cast pass).
+takes amax = max|x| per row, sets scale = max(amax, 1e-12) / 448, writes x * (448 / max(amax, 1e-12)) clamped
+to +-448 as E4M3, and the scale. When a row fits in registers (K <= 16384) it is loaded once and kept, so the
+kernel moves exactly M*K*(in bytes + 1) + 4*M bytes: a copy with a reduction in the middle, and the target is the
+device's copy bandwidth (>= 80% of it at M=8858, K=2432 and K=9728). Wider rows are streamed twice (amax pass,
+cast pass).
 
-Per tensor (one scale, shape [1]): two launches. The first kernel reduces amax over its rows and folds it into
-one fp32 with an atomic max (max is order-independent, so the result is deterministic); the second derives the
-scale from that amax and casts. A static, calibrated scale (`scale=`) skips the first launch.
+Per tensor (one scale, shape [1]): two launches (plus a one-element memset). The first kernel reduces amax over
+its rows and folds it into one fp32 with an atomic max (max is order-independent, so the result is
+deterministic); the second derives the scale from that amax and casts. A static, calibrated scale (`scale=`)
+skips the first launch.
 
-Numerics, identical to quant_fp8_ref below: the division is IEEE round-to-nearest (tl.math.div_rn; Triton's
-plain `/` is an approximate division that can flip a rounding boundary), values beyond +-448 saturate to +-448
-(NaN stays NaN; note that max|x| ignores a NaN, so the NaN shows up in the output where it was and nowhere
-else), and the GPU's fp32 -> e4m3 conversion rounds to nearest-even like torch. On the CPU interpreter the cast
-flushes tiny values (|x / scale| < 2**-6, the subnormal range) and rounds ties upward, so there the codes agree
-with torch except in those cases.
+Numerics, identical to quant_fp8_ref below, bit for bit: scale and its inverse are IEEE divisions, once per row
+(tl.math.div_rn; Triton's plain `/` is an approximate division that could flip a rounding boundary); each element
+costs one multiply by the inverse, not a division. Values beyond +-448 saturate to +-448; NaN passes through
+(note that max|x| ignores a NaN, so a NaN stays where it was instead of poisoning its row's scale). The GPU's
+fp32 -> e4m3 conversion (cvt.rn.satfinite) rounds to nearest-even like torch. The Triton interpreter's does not
+(ties round up, the carry into the next power of two is lost: 124.3 -> 64, subnormals flush), so under the
+interpreter the kernel rounds to the E4M3 grid in fp32 first (ROUND_FIRST, see _common.py) and matches torch there
+too.
 """
 
 from __future__ import annotations
