@@ -98,7 +98,9 @@ def test_dequant_bitcast_path_matches():
         s = torch.rand(N, device="cuda") + 0.5
         a = dequant_gemm(x, w, s, None, bitcast=False)
         b = dequant_gemm(x, w, s, None, bitcast=True)
-        assert rel_rms(a, b) < 1e-6, (M, K, N)
+        # the decode is exact (checked on all 256 codes on the CPU); the two kernels may pick different tiles, so
+        # their bf16 outputs can differ by a rounding in a few elements
+        assert rel_rms(a, b) < 1e-4, (M, K, N)
 
 
 @pytest.mark.parametrize("policy", [None, "default"])
