@@ -8,38 +8,44 @@ E4M3 in one paragraph. An E4M3 number is +-2^e * 1.mmm (binary) with e in -6..8 
 per power of two, so neighbours differ by 1/8 to 1/16 of their size and rounding costs at most 2^-4 = 6.25% (a
 relative RMS of about 2.6% on Gaussian data). The grid tops out at 1.75 * 2^8 = 448; there is no Inf, so anything
 larger must be clamped ("saturated"). Below 2^-6 the spacing stops shrinking: subnormals 0.001 * 2^-6 .. 0.111 *
-2^-6 are multiples of 2^-9, so a value there keeps fewer than 3 significant bits, and anything below 2^-10 rounds
-to zero ("flushed"). A tensor is therefore scaled into the grid first, scale = amax / 448 (fp8.py), and the audit
-asks, per layer: where did the values land on that grid?
+2^-6 are multiples of 2^-9, so a value there keeps fewer than 3 significant bits, and anything below 2^-10 rounds to
+zero ("flushed"). A tensor is therefore scaled into the grid first, scale = amax / 448 (fp8.py), and the audit asks,
+per layer: where did the values land on that grid?
 
 Scaling granularity, and the surprise. One scale per tensor ("tensor") or one per output channel / token ("row").
-Int8 has a uniform grid, so one 100x outlier leaves everyone else 100x fewer levels. E4M3 is a float: dividing by a
-larger scale only lowers every exponent, and the relative precision of the others stays the same as long as they
-stay above 2^-6, i.e. as long as the outlier is less than about 448 / 2^-6 = 28672x their size. On a 64x96 Gaussian
-weight whose largest value is made 100x / 1e4x / 1e5x larger, the other rows' relative RMS error is 0.026 / 0.052 /
-0.50 with one scale per tensor and 0.026 throughout with one scale per row (measured; tests/test_audit.py checks the
-first and the last). So per-tensor E4M3 is fine until an outlier reaches ~1e4x, and then it is a cliff.
+Int8 has a uniform grid, so one row 100x larger than the rest leaves the rest about one level. E4M3 is a float:
+dividing by a larger scale only lowers every exponent, and the others keep their 3 mantissa bits as long as they
+stay above 2^-6, i.e. until the outlier is about 448 / 2^-6 = 28672x their size. Measured on a 64x96 Gaussian weight
+with row 3 multiplied by s = 1, 1e2, 1e3, 1e4, 1e5 (examples/fp8_audit.py, part 2): the worst other row's relative
+RMS error is 0.036, 0.035, 0.032, 0.061, 0.61 with one scale per tensor and 0.032 throughout with one per row, while
+the whole-tensor error is 0.024 in every case (the big row dominates the norm and hides the damage; hence the
+w_chan_rel_rms_max column). So per-tensor E4M3 is fine until an outlier reaches ~1e4x, and then it is a cliff.
 
 Why a layer can be sensitive even when its own error is small. The network does not care where a scale lives:
 multiplying row j of an MLP's fc2 by s and the gate that multiplies that channel (a row of the adaLN modulation) by
 1/s computes the same function. FP8 with one scale per tensor does care: the big row sets the scale and the other
-rows fall into the subnormals. The layer's own relative error then looks small (its output is dominated by the
-big channel), and the damage only shows once the gate has scaled that channel back down. This is why the audit
-measures three things per layer: the error of the layer on the same input ("isolated"), the error against the
-same layer in the bf16 run ("propagated", which includes everything upstream), and with --sensitivity the error
-of the final latents when only that layer (or group) runs in FP8. tests/test_audit.py builds exactly this model
-and checks that the sensitivity ranking finds the layer under per-tensor scaling and clears it under row-wise.
+rows fall into the subnormals. The layer's own relative error then looks ordinary (its output is dominated by the
+big channel), and the damage only shows once the gate has scaled that channel back down. Measured on the tiny model
+(joint_blocks.1.x_block.mlp.fc2, s = 1e5, 4 steps, 128 px): per tensor, the layer's isolated error is 0.038, inside
+the range of the other 22 W8A8 layers (0.035-0.043), but with only it in FP8 the final latents move by 0.069,
+against at most 0.018 for any other layer; row-wise, 0.014 (rank 10 of 29). This is why the audit measures three
+things per layer: the error of the layer on the same input ("isolated"), the error against the same layer in the
+bf16 run ("propagated", which includes everything upstream), and with --sensitivity the error of the final latents
+when only that layer (or group) runs in FP8. tests/test_audit.py builds this model and checks the ranking under both
+scalings.
 
-How it runs. The bf16 reference and the FP8 model are the SAME model object, quantised with keep_original=True,
-and run as ONE batch: the latents are [run 0 = reference, run 1 = FP8] (same noise, same prompt), each on its own
-trajectory, and every FP8Linear computes its bf16 output for all rows (fp8.original_weights) while a forward hook
-replaces the rows of the runs that use FP8 for that layer by the FP8 result, computed by the layer's own forward
-(the same ref/torch/triton code a normal run uses). The hook sees, for the same layer and the same call, the FP8
-output, the bf16 output on the same input (isolated error) and the reference run's output (propagated error), and
-reduces them to a few scalars at once: nothing per-layer is stored, so full-size SD3.5 Large (384 linears) audits in
-the memory of a batch of two. Everything in the MMDiT is per-sample, so batching the runs changes nothing but
-rounding. Sensitivity runs use the same mechanism with one run per layer group ([reference, only group 1 in FP8,
-only group 2 in FP8, ...]) in chunks of --runs-per-batch.
+How it runs. The reference (the model dtype, bf16 by default; "bf16" below) and the FP8 model are the SAME model
+object, quantised with keep_original=True (from the checkpoint's own tensors where their precision differs, as the
+loader does), and run as ONE batch: the latents are [run 0 = reference, run 1 = FP8] (same noise, same prompt), each
+on its own trajectory, and every FP8Linear computes its bf16 output for all rows (fp8.original_weights) while a
+forward hook replaces the rows of the runs that use FP8 for that layer by the FP8 result, computed by the layer's
+own forward (the same ref/torch/triton code a normal run uses). The hook sees, for the same layer and the same call,
+the FP8 output, the bf16 output on the same input (isolated error) and the reference run's output (propagated
+error), and reduces them to a few scalars at once: nothing per-layer is stored, so full-size SD3.5 Large (384
+linears) audits in the memory of a two-image batch plus one layer's temporaries. Everything in the MMDiT is per
+sample, so batching the runs changes at most the rounding (on the CPU in bf16 the audit's runs are bit-identical to
+separate runs of `generate` and `generate --fp8`). Sensitivity runs use the same mechanism with one run per layer
+group ([reference, only group 1 in FP8, only group 2 in FP8, ...]) in chunks of --runs-per-batch.
 
 Outputs (out_dir; existing files are not overwritten without force): layers.csv (one row per FP8 layer: weight
 stats, activation stats and errors aggregated over steps), layer_steps.csv (per layer and step), steps.csv (per
@@ -775,7 +781,8 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
               dtype: torch.dtype = torch.bfloat16, *, negative: str = "", guidance: float | None = None,
               compare: list[str] | tuple[str, ...] = (), sensitivity_by: str | None = None,
               sensitivity_steps: int | None = None, target: float | None = None, runs_per_batch: int | None = None,
-              top: int = 20, force: bool = False, t5: bool = True, verbose: bool = True) -> dict:
+              top: int = 20, force: bool = False, t5: bool = True, sampler: str | None = None,
+              verbose: bool = True) -> dict:
     """Audit `policy` on a pipeline (or a model path, loaded here in `dtype` on `device`) and write the files of the
     module docstring into out_dir. compare: more policies audited on the same prompt and noise (compare.csv/png).
     sensitivity_by ('layer', 'type' or 'block'): final-latent error with only that unit in FP8, ranked, and a
@@ -803,7 +810,11 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
     per_batch = runs_per_batch or (8 if pipe.device.type == "cuda" else 32)
     if per_batch < 2:
         raise InputError(f"runs_per_batch must be >= 2 (the reference and one FP8 run), got {per_batch}")
-    inp = prepare_inputs(pipe, prompt, negative, seed, steps, height, width, guidance)
+    linears = [n for n, m in pipe.mmdit.named_modules() if isinstance(m, (nn.Linear, FP8Linear))]
+    if all(pol.recipe_for(n)[0] == "bf16" for n in linears):
+        raise InputError(f"policy {pol.name!r} puts none of this MMDiT's {len(linears)} linear layers in FP8: nothing "
+                         f"to audit; choose default, row, tensor, weight-only or a policy file with FP8 rules")
+    inp = prepare_inputs(pipe, prompt, negative, seed, steps, height, width, guidance, sampler)
     plan = file_weights(pipe)
 
     results = []
@@ -852,8 +863,9 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
             f"{time.perf_counter() - t0:.1f} s")
 
     # --- files
-    writer.text("layers.csv", csv_text(main.layers, [c for c in LAYER_COLUMNS
-                                                     if any(c in r for r in main.layers)]))
+    sens_cols = ("sensitivity", "sensitivity_rank")
+    writer.text("layers.csv", csv_text(main.layers, [c for c in LAYER_COLUMNS if c not in sens_cols
+                                                     or any(c in r for r in main.layers)]))
     writer.text("layer_steps.csv", csv_text(main.layer_steps))
     writer.text("steps.csv", csv_text(main.steps))
     depth = pipe.mmdit.cfg.depth
@@ -960,7 +972,8 @@ def cmd_audit(args) -> int:
                         args.seed, args.steps, args.height, args.width, args.out, args.device, DTYPES[args.dtype],
                         negative=args.negative, guidance=args.guidance, compare=compare,
                         sensitivity_by=args.sensitivity, sensitivity_steps=args.sensitivity_steps, target=args.target,
-                        runs_per_batch=args.runs_per_batch, top=args.top, force=args.force, t5=not args.no_t5)
+                        runs_per_batch=args.runs_per_batch, top=args.top, force=args.force, t5=not args.no_t5,
+                        sampler=args.sampler)
     print(json.dumps(summary))
     return 0
 
@@ -987,6 +1000,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--steps", type=int)
     a.add_argument("--guidance", "--cfg", type=float)
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--sampler", choices=["euler", "dpmpp_2m"])
     a.add_argument("-o", "--out", default="fp8-audit", help="output folder (default fp8-audit)")
     a.add_argument("--top", type=int, default=20, help="layers shown in the table")
     a.add_argument("--force", action="store_true", help="overwrite the files of an earlier audit in --out")
