@@ -55,14 +55,12 @@ def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, swap: bool, group: 
 # GEMV (M <= 16): narrow N tiles so that N = 14592 gives 114-456 programs, long K tiles so each one keeps several
 # 8-32 KB weight loads in flight. GEMM: the usual bf16 Hopper tiles (BLOCK_K 64), with and without the swap.
 GEMV_CONFIGS = [
-    _cfg(16, 32, 256, 4, 4, True), _cfg(16, 64, 256, 4, 4, True), _cfg(16, 64, 128, 4, 4, True),
-    _cfg(16, 128, 128, 4, 4, True), _cfg(16, 128, 256, 3, 8, True), _cfg(16, 32, 512, 3, 4, True),
-    _cfg(16, 64, 256, 4, 4, False),
+    _cfg(16, 32, 256, 4, 4, True), _cfg(16, 64, 256, 4, 4, True), _cfg(16, 128, 128, 4, 4, True),
+    _cfg(16, 32, 512, 3, 4, True), _cfg(16, 64, 256, 4, 4, False),
 ]
 GEMM_CONFIGS = [
     _cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 8, False),
-    _cfg(128, 128, 64, 4, 4, False), _cfg(64, 256, 64, 4, 4, False), _cfg(128, 64, 64, 4, 4, False),
-    _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
+    _cfg(128, 128, 64, 4, 4, False), _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
 ]
 # the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
 CPU_GEMV_CONFIGS, CPU_GEMM_CONFIGS = [_cfg(16, 32, 32, 1, 4, True)], [_cfg(32, 32, 32, 1, 4, False, group=2)]

@@ -68,7 +68,6 @@ def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group: int = 8) -> 
 GEMM_CONFIGS = [
     _cfg(128, 256, 128, 3, 8), _cfg(256, 128, 128, 3, 8), _cfg(128, 256, 128, 4, 8), _cfg(256, 128, 128, 4, 8),
     _cfg(128, 128, 128, 4, 8), _cfg(128, 128, 128, 4, 4), _cfg(64, 256, 128, 4, 4), _cfg(128, 64, 128, 4, 4),
-    _cfg(64, 128, 128, 4, 4), _cfg(128, 256, 64, 4, 8),
 ]
 CPU_CONFIGS = [_cfg(32, 32, 32, 1, 4, group=2)]  # the interpreter: one small config, nothing to time
 
