@@ -190,6 +190,22 @@ PRESETS: dict[str, Preset] = {
         t5=T5Config(d_model=64, d_kv=16, heads=4, d_ff=96, layers=2, vocab_size=1000, buckets=32, max_distance=128),
         vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_groups=8),
     ),
+    # shapes: the model the project trains itself (weights/train_shapes.py, shipped in weights/shapes/) on 64x64
+    # pictures of coloured shapes (minisd35/shapes.py): 8x8 latents = 16 image tokens, 77 CLIP + 24 T5 text tokens.
+    # Frozen random text encoders (CLIP-L 64 + CLIP-G 64 = pooled 128 = T5 width = context width). The VAE's latent
+    # scale/shift here are SD3's placeholders: the trained values are in weights/shapes/vae/config.json.
+    "shapes": Preset(
+        "shapes",
+        MMDiTConfig(depth=5, heads=2, head_dim=64, context_dim=128, pooled_dim=128, pos_embed_max_size=16, qk_norm=True,
+                    dual_attention_layers=(0, 1), sample_size=8),
+        SamplerDefaults(steps=20, guidance=5.0, shift=1.0, t5_tokens=24, height=64, width=64),
+        clip_l=CLIPConfig(width=64, layers=2, heads=2, mlp_dim=128, vocab_size=1000, projection_dim=64,
+                          eos_token_id=999, pad_token_id=999),
+        clip_g=CLIPConfig(width=64, layers=2, heads=2, mlp_dim=128, act="gelu", vocab_size=1000, projection_dim=64,
+                          eos_token_id=999, pad_token_id=0),
+        t5=T5Config(d_model=128, d_kv=32, heads=4, d_ff=256, layers=2, vocab_size=1000, buckets=32, max_distance=128),
+        vae=VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=8),
+    ),
 }
 VARIANTS = [n for n in PRESETS if n != "tiny"]
 
@@ -235,7 +251,7 @@ def mmdit_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "
 
 def detect_variant(cfg: MMDiTConfig) -> str | None:
     """The preset whose MMDiT has this architecture ('sd3.5-large' for Large and Large Turbo alike), or None."""
-    for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny"):
+    for name in ("sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny", "shapes"):
         if PRESETS[name].mmdit == dataclasses.replace(cfg, sample_size=PRESETS[name].mmdit.sample_size):
             return name
     return None
