@@ -65,6 +65,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from . import sampling
+from . import __version__, sampling
 from .checkpoint import write_atomic
 from .errors import InputError, list_keys
 from .fp8 import (
@@ -88,6 +89,7 @@ from .fp8 import (
     quantize,
     quantize_act,
     quantize_weight,
+    resolve_impl,
 )
 
 SUBNORMAL_MAX = 2.0**-6  # smallest normal E4M3 magnitude: below it fewer than 3 mantissa bits survive
@@ -379,14 +381,22 @@ def final_latents(model: nn.Module, inp: Inputs, runs: list[frozenset[str]]) -> 
     return last.latents
 
 
-def run_errors(model: nn.Module, inp: Inputs, sets: list[frozenset[str]], per_batch: int) -> list[float]:
+def quiet(msg: str) -> None:
+    pass
+
+
+def run_errors(model: nn.Module, inp: Inputs, sets: list[frozenset[str]], per_batch: int,
+               log: Callable[[str], None] = quiet) -> list[float]:
     """Relative RMS error of the final latents of each FP8 layer set vs the bf16 reference, `per_batch` - 1 sets
     per batched run (each batch carries its own reference)."""
     errs = []
     chunk = max(per_batch - 1, 1)
     for i in range(0, len(sets), chunk):
+        t0 = time.perf_counter()
         lat = final_latents(model, inp, [frozenset()] + sets[i:i + chunk])
         errs += [rel_rms(lat[k], lat[0]) for k in range(1, lat.shape[0])]
+        log(f"audit:   runs {i + 1}-{i + lat.shape[0] - 1} of {len(sets)} ({len(inp.sigmas) - 1} steps, "
+            f"{lat.shape[0]} trajectories in one batch): {time.perf_counter() - t0:.1f} s")
     return errs
 
 
@@ -397,8 +407,9 @@ def restore_bf16(model: nn.Module) -> None:
     layers = fp8_layers(model)
     lost = [n for n, m in layers.items() if m.original is None]
     if lost:
-        raise InputError(f"the audit needs the bf16 weights, but {len(lost)} layers are FP8 in the checkpoint itself "
-                         f"({list_keys(lost, 3)}); audit the bf16/fp16 checkpoint instead")
+        raise InputError(f"the audit needs the bf16 weights, but {len(lost)} layers are FP8 without them "
+                         f"({list_keys(lost, 3)}): an FP8 checkpoint, or a pipeline loaded with fp8=...; audit the "
+                         f"bf16/fp16 checkpoint, loaded without fp8")
     for name, m in layers.items():
         w, b = m.original
         lin = nn.Linear(m.in_features, m.out_features, bias=b is not None, device="meta")
@@ -456,7 +467,8 @@ def quantize_like_loader(model: nn.Module, policy: Policy, plan: dict, stats: bo
     return report, wstats
 
 
-def audit_policy(pipe, policy: Policy, inp: Inputs, plan: dict | None = None) -> PolicyResult:
+def audit_policy(pipe, policy: Policy, inp: Inputs, plan: dict | None = None,
+                 log: Callable[[str], None] = quiet) -> PolicyResult:
     """Quantise the pipeline's MMDiT with `policy` (keeping the bf16 weights), run the reference and the FP8 model
     in lockstep and return every per-layer and per-step number. The model is left quantised (restore_bf16 undoes).
     plan: the checkpoint's tensors (file_weights) to quantise from, as the loader does."""
@@ -475,8 +487,10 @@ def audit_policy(pipe, policy: Policy, inp: Inputs, plan: dict | None = None) ->
     totals: dict[str, dict | None] = {n: None for n in layers}
     layer_steps, steps = [], []
     with Lockstep(model, [frozenset(), frozenset(layers)], batch=1, collect=True) as ls:
+        t0 = time.perf_counter()
         for step in trajectories(model, inp, 2):
             per = ls.take()
+            log(f"audit:   {policy.name}: step {step.i + 1}/{len(inp.sigmas) - 1} ({time.perf_counter() - t0:.1f} s)")
             for name, acc in per.items():
                 totals[name] = merge(totals[name], acc)
                 layer_steps.append({"layer": name, "step": step.i, "sigma": step.sigma, **finish(acc)})
@@ -492,7 +506,7 @@ def audit_policy(pipe, policy: Policy, inp: Inputs, plan: dict | None = None) ->
 
 # --- sensitivity and the suggested policy ----------------------------------------------------------------------------
 
-def sensitivity(pipe, inp: Inputs, by: str, per_batch: int) -> list[dict]:
+def sensitivity(pipe, inp: Inputs, by: str, per_batch: int, log: Callable[[str], None] = quiet) -> list[dict]:
     """Final-latent error with only one unit (layer or group) in FP8, for every unit; sorted, most sensitive first."""
     layers = fp8_layers(pipe.mmdit)
     units: dict[str, dict] = {}
@@ -500,7 +514,7 @@ def sensitivity(pipe, inp: Inputs, by: str, per_batch: int) -> list[dict]:
         unit, glob = group_of(name, by)
         units.setdefault(unit, {"unit": unit, "glob": glob, "layers": []})["layers"].append(name)
     names = list(units)
-    errs = run_errors(pipe.mmdit, inp, [frozenset(units[u]["layers"]) for u in names], per_batch)
+    errs = run_errors(pipe.mmdit, inp, [frozenset(units[u]["layers"]) for u in names], per_batch, log)
     rows = [{"unit": u, "glob": units[u]["glob"], "n_layers": len(units[u]["layers"]), "final_rel_rms": e,
              "layers": units[u]["layers"]} for u, e in zip(names, errs)]
     rows.sort(key=lambda r: -r["final_rel_rms"] if math.isfinite(r["final_rel_rms"]) else -math.inf)
@@ -509,7 +523,8 @@ def sensitivity(pipe, inp: Inputs, by: str, per_batch: int) -> list[dict]:
     return rows
 
 
-def suggest(pipe, inp: Inputs, ranked: list[dict], target: float, per_batch: int, full_error: float) -> dict:
+def suggest(pipe, inp: Inputs, ranked: list[dict], target: float, per_batch: int, full_error: float,
+            log: Callable[[str], None] = quiet) -> dict:
     """Smallest k such that keeping the k most sensitive units in bf16 (the rest as the policy says) brings the final
     latent error to <= target. Each candidate k is measured (not predicted from the single-unit numbers, which do
     not add up exactly); k is searched with batched rounds of evenly spaced candidates, which finds the smallest k
@@ -523,7 +538,7 @@ def suggest(pipe, inp: Inputs, ranked: list[dict], target: float, per_batch: int
     while hi - lo > 1:
         n_cand = min(max(per_batch - 1, 1), hi - lo - 1)
         cands = sorted({lo + max(1, round((hi - lo) * (j + 1) / (n_cand + 1))) for j in range(n_cand)} - {hi})
-        for k, e in zip(cands, run_errors(pipe.mmdit, inp, [kept_after(k) for k in cands], per_batch)):
+        for k, e in zip(cands, run_errors(pipe.mmdit, inp, [kept_after(k) for k in cands], per_batch, log)):
             measured[k] = e
         ok = [k for k in cands if measured[k] <= target]
         hi = min(ok) if ok else hi
@@ -642,7 +657,7 @@ def draw_step_plot(series: dict[str, list[float]], sigmas: list[float], title: s
                 d.text((8, Y(v) - 6), f"{m}e{e}", fill=BLACK, font=f)
     d.rectangle([L, T, W - R, H - B], outline=BLACK)
     for i in range(n):
-        if n <= 30 or i % math.ceil(n / 15) == 0 or i == n - 1:
+        if n <= 15 or i % math.ceil(n / 15) == 0 or i == n - 1:
             d.text((X(i) - 4, H - B + 4), str(i + 1), fill=BLACK, font=f)
     d.text((L, H - 18), f"denoising step (sigma {sigmas[0]:.2f} -> {sigmas[-1]:.3f})" if sigmas else "step",
            fill=BLACK, font=f)
@@ -792,7 +807,7 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
     from .pipeline import Pipeline, load_pipeline
 
     t_start = time.perf_counter()
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else quiet
     pol = get_policy(policy)
     compare_pols = [get_policy(p) for p in compare if get_policy(p).name != pol.name]
     writer = Writer(out_dir, output_names(bool(compare_pols), sensitivity_by is not None), force)
@@ -820,7 +835,7 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
     results = []
     for p in [pol] + compare_pols:
         t0 = time.perf_counter()
-        results.append(audit_policy(pipe, p, inp, plan))
+        results.append(audit_policy(pipe, p, inp, plan, say))
         say(f"audit: policy {p.name!r}: {results[-1].report}; {time.perf_counter() - t0:.1f} s")
     main = results[0]
     bf16_img = pipe.decode(main.latents_ref)[0]
@@ -846,9 +861,10 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
         t0 = time.perf_counter()
         full = model_level["latent_rel_rms"] if s_steps == steps else run_errors(
             pipe.mmdit, s_inp, [frozenset(fp8_layers(pipe.mmdit))], per_batch)[0]
-        sens_rows = sensitivity(pipe, s_inp, sensitivity_by, per_batch)
+        sens_rows = sensitivity(pipe, s_inp, sensitivity_by, per_batch, say)
         tgt = target if target is not None else full / 2
-        suggestion = suggest(pipe, s_inp, sens_rows, tgt, per_batch, full)
+        say(f"audit: searching the fewest most-sensitive units to keep in bf16 for error <= {tgt:.4g}")
+        suggestion = suggest(pipe, s_inp, sens_rows, tgt, per_batch, full, say)
         keep_rules = [(g, "bf16") for g in suggestion["globs"]]
         suggested = Policy(f"{pol.name}-audited", keep_rules + list(pol.rules))
         kept = frozenset(suggestion["layers_kept"])
@@ -933,6 +949,8 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
             k: suggestion[k] for k in ("policy", "units", "target", "error", "verified_error", "verified_steps",
                                        "weight_bytes")} | {"file": str(writer.dir / "suggested_policy.json")},
         "seconds": time.perf_counter() - t_start, "out_dir": str(writer.dir),
+        "versions": {"minisd35": __version__, "torch": torch.__version__}, "fp8_impl": resolve_impl(pipe.device),
+        "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
     }
     report = [table(main.layers, top, main), ""]
     report.append(f"final latents: relative RMS {model_level['latent_rel_rms']:.5f} vs bf16; image PSNR "
