@@ -1,0 +1,355 @@
+"""The fast MMDiT forward for CUDA: the same weights and the same math as mmdit.py, with the memory-bound work fused.
+
+Where a plain eager step of SD3.5 Large spends its time (1024 px, CFG batch 2, H200): the GEMMs need ~48 TFLOP and
+attention ~15 TFLOP, about 110 ms at the rates cuBLAS and SDPA reach, yet diffusers takes 183 ms and our plain
+mmdit.py 201 ms. The difference is elementwise work between the GEMMs, each op a full pass over activations of
+40-160 MB: LayerNorm, modulate (two passes), QK RMSNorm in fp32 (~7 passes), concatenations, gate * y, + residual,
+plus 76 separate M=2 adaLN GEMVs. With FP8 the GEMMs halve and this overhead dominates, which is why eager FP8 is
+slower than bf16 elsewhere (fp8_landscape.md 1.1) unless torch.compile fuses it (minutes of compile time).
+
+This module removes that overhead by hand, without compiling anything:
+- all adaLN modulations of the model (every block, both streams, and the final layer) are ONE GEMV, since they all
+  read the same SiLU(c): the weights are concatenated once into one buffer (the original modules keep views into
+  it, so the state dict and memory are unchanged); FP8 weight-only adaLN runs through the fused-dequant GEMV kernel;
+- LayerNorm + modulate (+ per-token FP8 quantisation for W8A8 layers) is one pass feeding each qkv / fc1 GEMM
+  (kernels/ln_mod_quant.py);
+- q/k RMSNorm, the head split and the [image, text] concatenation are one pass writing straight into the attention
+  buffers (qk_norm_split below);
+- gate * y + residual is one pass (torch.addcmul), or the GEMM's epilogue (Triton FP8 GEMM);
+- GELU + per-token quantisation of the MLP hidden state is one pass;
+- attention runs on the fastest SDPA backend available on the device (cuDNN on Hopper when it works), chosen once;
+- the whole step can be captured as a CUDA graph (`graphed`), removing ~2300 kernel launches of Python overhead.
+
+Every fused op has its plain reference (mmdit.JointBlock is the reference of the whole block); tests compare them.
+Linears may be nn.Linear (bf16) or fp8.FP8Linear of any recipe: the fast path reads the same buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fp8 import FP8Linear, quantize_act, resolve_impl, scaled_mm
+from .mmdit import MMDiT, layer_norm, modulate, timestep_embedding
+
+# --- small fused ops, each with a plain-torch fallback ---------------------------------------------------------------
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and resolve_impl(x.device) == "triton"
+
+
+def ln_mod(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale[b]) + shift[b] for x [B*rows, K]: one pass on CUDA."""
+    if _triton_ok(x):
+        from kernels.ln_mod_quant import ln_mod as k
+
+        return k(x, shift, scale, rows)
+    B = shift.shape[0]
+    return modulate(layer_norm(x.view(B, rows, -1)), shift, scale).view(B * rows, -1)
+
+
+def ln_mod_quant(x, shift, scale, rows):
+    if _triton_ok(x):
+        from kernels.ln_mod_quant import ln_mod_quant as k
+
+        return k(x, shift, scale, rows)
+    return quantize_act(ln_mod(x, shift, scale, rows), per_token=True)
+
+
+def quant_rows(x: torch.Tensor):
+    if _triton_ok(x):
+        from kernels.fp8_quant import quant_fp8
+
+        return quant_fp8(x, per_token=True)
+    return quantize_act(x, per_token=True)
+
+
+def gelu_quant(h: torch.Tensor):
+    """GELU(tanh) then per-token FP8 quantisation of the MLP hidden state [M, 4D]."""
+    if _triton_ok(h):
+        try:
+            from kernels.gelu_quant import gelu_quant as k
+        except ImportError:
+            k = None
+        if k is not None:
+            return k(h)
+    return quant_rows(F.gelu(h, approximate="tanh"))
+
+
+def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, ln_k, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, offset: int) -> None:
+    """qkv [B*L, 3*H*hd] -> q, k (RMS-normalised per head) and v written into the attention buffers [B, H, Ltot,
+    hd] at sequence positions offset..offset+L. One pass on CUDA; the reference does what mmdit.Attention does."""
+    if _triton_ok(qkv) and isinstance(ln_q, nn.Module) and hasattr(ln_q, "weight"):
+        try:
+            from kernels.qk_norm import qk_norm_split as kern
+        except ImportError:
+            kern = None
+        if kern is not None:
+            return kern(qkv, B, L, heads, hd, ln_q.weight, ln_k.weight, ln_q.eps, q, k, v, offset)
+    qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    q[:, :, offset : offset + L] = ln_q(qh)
+    k[:, :, offset : offset + L] = ln_k(kh)
+    v[:, :, offset : offset + L] = vh
+
+
+def gated_residual(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, rows: int) -> torch.Tensor:
+    """residual + gate[b] * y for [B*rows, N] matrices: one pass (addcmul) instead of two."""
+    B = gate.shape[0]
+    return torch.addcmul(residual.view(B, rows, -1), gate[:, None], y.view(B, rows, -1)).view(B * rows, -1)
+
+
+class Linear8:
+    """How the fast path calls one linear layer, whatever it is: nn.Linear (bf16) or FP8Linear (any recipe).
+    gemm: "scaled_mm" runs W8A8 GEMMs on torch._scaled_mm (cuBLASLt/CUTLASS) with the epilogue as one extra
+    pass; "triton" runs kernels/fp8_gemm.py with the epilogue fused. Measured on an H200 (bench/results/
+    2026-11-22_h200_session1/kernels.json), _scaled_mm + a separate pass was faster on every SD3.5 shape, so it is
+    the default; the Triton kernel is kept for the fused variants and as the teaching implementation."""
+
+    def __init__(self, lin: nn.Module, fast_accum: bool = False, gemm: str = "scaled_mm"):
+        self.lin, self.fast_accum, self.gemm = lin, fast_accum, gemm
+        self.per_token = isinstance(lin, FP8Linear) and lin.recipe == "w8a8-row" and lin.input_scale is None
+
+    def takes_fp8(self) -> bool:
+        """True when this layer wants its input quantised per token (so a fused prologue can produce it)."""
+        return self.per_token
+
+    def gemm8(self, x8, xs, out_dtype, gate=None, residual=None, rows=0):
+        """W8A8 GEMM on an already-quantised input, then the optional gated residual."""
+        m = self.lin
+        bias = None if m.bias is None else m.bias.to(out_dtype)
+        if x8.is_cuda and self.gemm == "triton" and resolve_impl(x8.device, m.impl) == "triton":
+            from kernels.fp8_gemm import fp8_gemm
+
+            return fp8_gemm(x8, xs, m.weight, m.weight_scale, bias, out_dtype, gate=gate, residual=residual,
+                            rows_per_batch=rows, fast_accum=self.fast_accum)
+        if x8.is_cuda:
+            y = scaled_mm(x8, xs, m.weight, m.weight_scale, bias, out_dtype)
+        else:  # the reference: every product of two E4M3 values is exact in fp32
+            y = ((x8.float() * xs[:, None]) @ (m.weight.float() * m.weight_scale[:, None]).t())
+            y = (y if bias is None else y + bias.float()).to(out_dtype)
+        return y if gate is None else gated_residual(y, gate, residual, rows)
+
+    def __call__(self, x, gate=None, residual=None, rows=0):
+        """x [M, K] in the model dtype -> y [M, N]; with gate [B, N] and residual [M, N]: residual + gate * y."""
+        if self.per_token:
+            x8, xs = quant_rows(x)
+            return self.gemm8(x8, xs, x.dtype, gate, residual, rows)
+        y = self.lin(x)
+        return y if gate is None else gated_residual(y, gate, residual, rows)
+
+
+# --- the fast model ---------------------------------------------------------------------------------------------------
+
+
+def _adaln_layers(model: MMDiT) -> list[tuple[str, nn.Module]]:
+    """The joint blocks' adaLN linears, [x_block, context_block] per block (the final layer's is kept apart: the
+    default FP8 policy leaves it in bf16 while the blocks' run weight-only)."""
+    out = []
+    for i, blk in enumerate(model.joint_blocks):
+        out.append((f"joint_blocks.{i}.x_block", blk.x_block.adaLN_modulation[1]))
+        out.append((f"joint_blocks.{i}.context_block", blk.context_block.adaLN_modulation[1]))
+    return out
+
+
+class FastMMDiT(nn.Module):
+    """A faster forward over an MMDiT's own modules (shared, not copied). Same call signature as MMDiT."""
+
+    def __init__(self, model: MMDiT, fast_accum: bool = False, attention: str = "auto", gemm: str = "scaled_mm"):
+        super().__init__()
+        self.model = model
+        self.cfg = model.cfg
+        self.fast_accum, self.attention_backend, self.gemm = fast_accum, attention, gemm
+        self._fuse_adaln()
+
+    def lin(self, module: nn.Module) -> Linear8:
+        return Linear8(module, self.fast_accum, self.gemm)
+
+    # one buffer for every adaLN weight; the modules keep views into it
+    def _fuse_adaln(self) -> None:
+        layers = _adaln_layers(self.model)
+        kinds = {type(m) for _, m in layers}
+        recipes = {getattr(m, "recipe", None) for _, m in layers}
+        self.adaln_kind = None
+        if kinds == {nn.Linear}:
+            self.adaln_kind = "linear"
+        elif kinds == {FP8Linear} and recipes == {"w8-only"}:
+            self.adaln_kind = "w8"
+        else:
+            return  # mixed recipes: each adaLN runs on its own
+        first = layers[0][1]
+        dev = first.weight.device
+        N = sum(m.out_features for _, m in layers)
+        K = first.in_features
+        W = torch.empty(N, K, dtype=first.weight.dtype, device=dev)
+        Bv = torch.empty(N, dtype=first.bias.dtype, device=dev)
+        S = torch.empty(N, dtype=torch.float32, device=dev) if self.adaln_kind == "w8" else None
+        self.adaln_slices = []
+        off = 0
+        for _, m in layers:
+            n = m.out_features
+            W[off : off + n].copy_(m.weight)
+            Bv[off : off + n].copy_(m.bias)
+            if self.adaln_kind == "linear":
+                m.weight = nn.Parameter(W[off : off + n], requires_grad=False)
+                m.bias = nn.Parameter(Bv[off : off + n], requires_grad=False)
+            else:
+                S[off : off + n].copy_(m.weight_scale.expand(n))
+                m.weight, m.bias, m.weight_scale = W[off : off + n], Bv[off : off + n], S[off : off + n]
+            self.adaln_slices.append((off, n))
+            off += n
+        self.adaln_w, self.adaln_b, self.adaln_s = W, Bv, S
+
+    def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's adaLN output from one GEMV: [x_mod, e_mod] per block, in block order."""
+        sc = F.silu(c)
+        layers = _adaln_layers(self.model)
+        if self.adaln_kind is None:
+            outs = [m(sc.to(m.bias.dtype)) for _, m in layers]
+        else:
+            if self.adaln_kind == "linear":
+                allm = F.linear(sc.to(self.adaln_w.dtype), self.adaln_w, self.adaln_b)
+            elif sc.is_cuda and resolve_impl(sc.device) == "triton":
+                from kernels.fp8_dequant_gemm import dequant_gemm
+
+                allm = dequant_gemm(sc.to(self.adaln_b.dtype).contiguous(), self.adaln_w, self.adaln_s, self.adaln_b)
+            else:
+                w = (self.adaln_w.float() * self.adaln_s[:, None]).to(self.adaln_b.dtype)
+                allm = F.linear(sc.to(w.dtype), w, self.adaln_b)
+            outs = [allm[:, o : o + n] for o, n in self.adaln_slices]
+        return outs
+
+    def sdpa(self, q, k, v):
+        backend = self.attention_backend
+        if backend == "auto" or not q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        b = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+        with sdpa_kernel(b):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def block(self, i: int, e: torch.Tensor, x: torch.Tensor, x_mod: torch.Tensor, e_mod: torch.Tensor):
+        """One joint block; e [B*Lt, D], x [B*Li, D] as 2-D row-major token matrices."""
+        blk = self.model.joint_blocks[i]
+        xb, cb = blk.x_block, blk.context_block
+        cfg = self.cfg
+        D, H, hd = cfg.hidden, cfg.heads, cfg.head_dim
+        B = x_mod.shape[0]
+        Li, Lt = x.shape[0] // B, e.shape[0] // B
+        xm = x_mod.chunk(xb.n_mod, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = xm[:6]
+        em = e_mod.chunk(cb.n_mod, dim=1)
+
+        # q, k, v of both streams straight into the joint attention buffers [B, H, Li + Lt, hd]
+        Ltot = Li + Lt
+        q = torch.empty(B, H, Ltot, hd, dtype=x.dtype, device=x.device)
+        k, v = torch.empty_like(q), torch.empty_like(q)
+        self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0)
+        self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li)
+        out = self.sdpa(q, k, v).transpose(1, 2).reshape(B, Ltot, D)  # SDPA's output is [B, L, H, hd] in memory
+        x_in = x
+        x = self.lin(xb.attn.proj)(out[:, :Li].reshape(B * Li, D), gate=gate_msa, residual=x, rows=Li)
+
+        if blk.dual:  # MMDiT-X: a second attention over image tokens only, from the same LN(x_in), own modulation
+            shift2, scale2, gate2 = xm[6:]
+            q2 = torch.empty(B, H, Li, hd, dtype=x.dtype, device=x.device)
+            k2, v2 = torch.empty_like(q2), torch.empty_like(q2)
+            self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0)
+            o2 = self.sdpa(q2, k2, v2).transpose(1, 2).reshape(B * Li, D)
+            x = self.lin(xb.attn2.proj)(o2, gate=gate2, residual=x, rows=Li)
+
+        x = self.mlp(xb, x, shift_mlp, scale_mlp, gate_mlp, Li)
+        if blk.pre_only:
+            return None, x
+        e = self.lin(cb.attn.proj)(out[:, Li:].reshape(B * Lt, D), gate=em[2], residual=e, rows=Lt)
+        e = self.mlp(cb, e, em[3], em[4], em[5], Lt)
+        return e, x
+
+    def qkv(self, attn, inp, shift, scale, rows, q, k, v, offset):
+        """LN + modulate (+ quantise) -> qkv GEMM -> q/k norm, split into the attention buffers."""
+        lin = self.lin(attn.qkv)
+        if lin.takes_fp8():
+            a8, asc = ln_mod_quant(inp, shift, scale, rows)
+            out = lin.gemm8(a8, asc, inp.dtype)
+        else:
+            out = lin(ln_mod(inp, shift, scale, rows))
+        B = shift.shape[0]
+        qk_norm_split(out, B, rows, attn.heads, attn.head_dim, attn.ln_q, attn.ln_k, q, k, v, offset)
+
+    def mlp(self, sb, x, shift, scale, gate, rows):
+        fc1, fc2 = self.lin(sb.mlp.fc1), self.lin(sb.mlp.fc2)
+        if fc1.takes_fp8() and fc2.takes_fp8():
+            a8, asc = ln_mod_quant(x, shift, scale, rows)
+            h = fc1.gemm8(a8, asc, x.dtype)
+            h8, hs = gelu_quant(h)
+            return fc2.gemm8(h8, hs, x.dtype, gate=gate, residual=x, rows=rows)
+        h = fc1(ln_mod(x, shift, scale, rows))
+        return fc2(F.gelu(h, approximate="tanh"), gate=gate, residual=x, rows=rows)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                skip_layers: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+        m, cfg = self.model, self.cfg
+        B, _, h, w = x.shape
+        m.check_latent_size(h, w)
+        p = cfg.patch_size
+        hp, wp = h // p, w // p
+        tokens = m.x_embedder.proj(x).flatten(2).transpose(1, 2)
+        xt = (tokens + m.cropped_pos_embed(hp, wp)).to(tokens.dtype).reshape(B * hp * wp, -1)
+        c = m.t_embedder.mlp(timestep_embedding(t).to(pooled.dtype)) + m.y_embedder.mlp(pooled)
+        e = m.context_embedder(context).reshape(B * context.shape[1], -1)
+        mods = self.modulations(c)
+        for i in range(cfg.depth):
+            if i not in skip_layers:
+                e, xt = self.block(i, e, xt, mods[2 * i], mods[2 * i + 1])
+        shift, scale = m.final_layer.adaLN_modulation[1](F.silu(c).to(xt.dtype)).chunk(2, dim=1)
+        out = m.final_layer.linear(ln_mod(xt, shift, scale, hp * wp))
+        C = cfg.out_channels
+        out = out.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(B, C, hp * p, wp * p)
+
+
+class Graphed(nn.Module):
+    """Replays a CUDA graph of `model`'s forward for each distinct input signature (shapes, dtypes, skip_layers).
+    The first call with a signature runs the model twice eagerly (Triton autotuning, cuBLAS handles, workspace
+    allocation) and then captures it; later calls copy the inputs into the static buffers and replay. The output is
+    copied out, so a later replay never overwrites a tensor the caller still holds."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.cfg = getattr(model, "cfg", None)
+        self.graphs: dict = {}
+
+    def forward(self, x, t, context, pooled, skip_layers=()):
+        if not x.is_cuda:
+            return self.model(x, t, context, pooled, skip_layers)
+        key = (tuple(x.shape), tuple(context.shape), x.dtype, tuple(skip_layers))
+        if key not in self.graphs:
+            static = [a.clone() for a in (x, t, context, pooled)]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self.model(*static, skip_layers)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self.model(*static, skip_layers)
+            self.graphs[key] = (g, static, out)
+        g, static, out = self.graphs[key]
+        for dst, src in zip(static, (x, t, context, pooled)):
+            dst.copy_(src)
+        g.replay()
+        return out.clone()
+
+
+def accelerate(model: MMDiT, *, graphs: bool = True, fast_accum: bool = False, attention: str = "auto",
+               gemm: str = "scaled_mm") -> nn.Module:
+    """The fast forward for this model (CUDA; on the CPU the same code runs its torch fallbacks). Pass the result
+    wherever the model was called: load_pipeline(..., fast=True) does it for you."""
+    fast = FastMMDiT(model, fast_accum=fast_accum, attention=attention, gemm=gemm)
+    return Graphed(fast) if graphs else fast
