@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import MMDiTConfig, get_preset
 from .mmdit import MMDiT
@@ -174,28 +175,90 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None, nv: NVML, iters: int = 10,
             weights_bytes: int | None = None, log=print) -> dict:
-    """One system: first call (compile/autotune), then timed steps with energy, peak memory, error vs ref."""
+    """One system: first call (compile / autotune / graph capture), then timed steps with energy, peak memory and
+    error vs ref. Memory: `extra_gib` is what the step allocates on top of what was allocated before its first call
+    (activations, workspaces, CUDA-graph pools); the system's MMDiT peak is its own weights plus that."""
     torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = fn()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     e0 = nv.energy_j()
     ts = cuda_times(fn, iters=iters, warmup=2)
     e1 = nv.energy_j()
-    peak = torch.cuda.max_memory_allocated()
-    rec = {"system": name, **stats(ts), "first_call_s": first, "peak_gib": peak / 2**30,
-           "step_extra_gib": (peak - base) / 2**30,
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    wg = None if weights_bytes is None else weights_bytes / 2**30
+    rec = {"system": name, **stats(ts), "first_call_s": first, "extra_gib": extra, "weights_gib": wg,
+           "mmdit_peak_gib": None if wg is None else wg + extra,
            "energy_j_per_step": None if e0 is None or e1 is None else (e1 - e0) / (iters + 2),
            "rel_rms_vs_bf16": None if ref is None else rel_rms(out.float(), ref.float()),
-           "weights_gib": None if weights_bytes is None else weights_bytes / 2**30,
            "finite": bool(torch.isfinite(out).all())}
-    log(f"  {name:42s} {rec['median_ms']:8.2f} ms/step [{rec['p20_ms']:.2f}, {rec['p80_ms']:.2f}]  first "
-        f"{first:6.1f}s  peak {rec['peak_gib']:6.2f} GiB  err {rec['rel_rms_vs_bf16'] or 0:.2e}"
+    peak = f"{rec['mmdit_peak_gib']:6.2f}" if wg is not None else "   n/a"
+    log(f"  {name:44s} {rec['median_ms']:8.2f} ms/step [{rec['p20_ms']:.2f}, {rec['p80_ms']:.2f}]  first "
+        f"{first:6.1f}s  peak {peak} GiB  err {rec['rel_rms_vs_bf16'] or 0:.2e}"
         + (f"  {rec['energy_j_per_step']:.1f} J/step" if rec["energy_j_per_step"] else ""))
     return rec
+
+
+def module_bytes(m: torch.nn.Module) -> int:
+    seen, n = set(), 0
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def attention_backends(B: int, H: int, L: int, hd: int = 64, log=print) -> dict:
+    """SDPA alone at the step's joint-attention shape, per backend (the ones this torch/GPU can run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(B, H, L, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    out = {}
+    for name, b in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                    ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(b):
+                y = F.scaled_dot_product_attention(q, k, v)
+                ms = stats(cuda_times(lambda: F.scaled_dot_product_attention(q, k, v), iters=20))["median_ms"]
+            out[name] = {"ms": ms, "tflops": 4 * B * H * L * L * hd / ms / 1e9, "rel_rms": rel_rms(y, ref)}
+            r = out[name]
+            log(f"  attention {name:10s} {ms:7.3f} ms  {r['tflops']:6.1f} TFLOP/s  err {r['rel_rms']:.1e}")
+        except RuntimeError as e:
+            out[name] = {"error": str(e)[:200]}
+            log(f"  attention {name:10s} not available: {str(e)[:80]}")
+    return out
+
+
+def profile_table(fn: Callable[[], object], rows: int = 15) -> str:
+    """The kernels one call spends its GPU time in (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    key = "cuda_time_total" if hasattr(prof.key_averages()[0], "cuda_time_total") else "device_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
+def image_time(step: Callable, cfg: MMDiTConfig, px: int, vae, steps: int = 28, guidance: float = 3.5) -> float:
+    """Seconds for one whole image: `steps` CFG steps of the sampler plus the VAE decode (text encoding excluded)."""
+    from .sampling import denoise, sigmas
+
+    x, _, ctx, pooled = step_inputs(cfg, px, 1, seed=5)
+    _, _, nctx, npooled = step_inputs(cfg, px, 1, seed=6)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in denoise(step, x, ctx, pooled, nctx, npooled, sigmas=sigmas(steps), guidance=guidance):
+        x = s.latents
+    vae.decode(x)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def sustained(fn: Callable[[], object], seconds: float, nv: NVML) -> dict:
@@ -222,60 +285,111 @@ def add_parser(sub) -> None:
     b.add_argument("--policies", default="default,row,tensor,weight-only")
     b.add_argument("--peers", default="diffusers,torchao", help="comma list; '' for none")
     b.add_argument("--compile", action="store_true", help="also torch.compile the torchao model (minutes)")
+    b.add_argument("--plain", action="store_true", help="also time the plain (unfused) minisd35 forward")
+    b.add_argument("--image-steps", type=int, default=0, help="also time whole images of this many steps + VAE")
+    b.add_argument("--sustained", type=float, default=0, help="seconds of back-to-back steps for temperature/power")
+    b.add_argument("--profile", action="store_true", help="print the top kernels of one step per system family")
     b.add_argument("--iters", type=int, default=10)
     b.add_argument("--out", help="write the JSON here (atomic)")
     b.set_defaults(func=cmd_bench)
 
 
 def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, policies=("default",),
-              peers=("diffusers", "torchao"), compile_peer: bool = False, iters: int = 10, log=print) -> dict:
+              peers=("diffusers", "torchao"), compile_peer: bool = False, plain: bool = False, iters: int = 10,
+              image_steps: int = 0, sustained_s: float = 0, profile: bool = False, log=print) -> dict:
+    """The benchmark behind `python -m minisd35 bench` (see the module docstring)."""
     from . import fp8
+    from .fast import accelerate
 
     if not torch.cuda.is_available():
         from .errors import HardwareError
 
         raise HardwareError("bench needs a CUDA GPU")
     nv = NVML()
-    res = {"env": env_info(), "variant": variant, "px": px, "batch": batch, "systems": []}
+    res = {"env": env_info(), "variant": variant, "px": px, "batch": batch, "systems": [], "images": {},
+           "sustained": {}, "profiles": {}}
     cfg = get_preset(variant).mmdit
-    log(f"{variant} {px}px batch {batch} on {res['env'].get('gpu')}")
+    log(f"{variant} {px}px batch {batch} on {res['env'].get('gpu')} (torch {res['env']['torch']}, "
+        f"triton {res['env']['triton']})")
     model = random_mmdit(cfg)
     inputs = step_inputs(cfg, px, batch)
+    x, t, ctx, pooled = inputs
+    L = (px // 16) ** 2 + ctx.shape[1]
+    vae = None
+    if image_steps:
+        from .config import VAEConfig
+        from .vae import VAE, random_vae_state
+
+        with torch.device("meta"):
+            vae = VAE(VAEConfig(), with_encoder=False)
+        st = random_vae_state(VAEConfig(), 0)
+        vae.load_state_dict({k: v for k, v in st.items() if k in vae.state_dict()}, assign=True)
+        vae = vae.to("cuda", torch.bfloat16).eval()
+
+    def fresh():
+        """A new MMDiT object sharing the bf16 weights (so swaps and fusions do not touch `model`)."""
+        with torch.device("meta"):
+            m = MMDiT(cfg)
+        m.load_state_dict(model.state_dict(), assign=True)
+        return m.eval()
+
+    def run(name, step, weights, prof=False):
+        rec = measure(name, lambda: step(*inputs), ref, nv, iters, weights, log)
+        if image_steps:
+            rec["image_s"] = image_time(step, cfg, px, vae, image_steps)
+            log(f"    whole image ({image_steps} steps + VAE decode): {rec['image_s']:.2f} s")
+        if prof:
+            res["profiles"][name] = profile_table(lambda: step(*inputs))
+            log(res["profiles"][name])
+        res["systems"].append(rec)
+        return rec
+
     with torch.inference_mode():
+        res["attention"] = attention_backends(batch, cfg.heads, L, cfg.head_dim, log)
         ref = model(*inputs)
-        wb = fp8.weight_bytes(model)
-        res["systems"].append(measure("minisd35 bf16", lambda: model(*inputs), ref, nv, iters, wb, log))
+        wb = module_bytes(model)
+        if plain:
+            run("minisd35 bf16 plain", model, wb, profile)
+        run("minisd35 bf16", accelerate(fresh()), wb, profile)
         if "diffusers" in peers:
             dm = diffusers_from_mmdit(model)
-            x, t, ctx, pooled = inputs
-            call = lambda: dm(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
-                              return_dict=False)[0]
-            res["systems"].append(measure("diffusers bf16 eager", call, ref, nv, iters, wb, log))
+            dcall = lambda x, t, ctx, pooled, skip_layers=(): dm(hidden_states=x, timestep=t,
+                                                                  encoder_hidden_states=ctx,
+                                                                  pooled_projections=pooled, return_dict=False)[0]
+            run("diffusers bf16 eager", dcall, module_bytes(dm), profile)
+            if sustained_s:
+                res["sustained"]["diffusers bf16 eager"] = sustained(lambda: dcall(*inputs), sustained_s, nv)
             if "torchao" in peers:
                 try:
                     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
                     quantize_(dm, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-                    res["systems"].append(measure("diffusers+torchao fp8 row eager", call, ref, nv, iters, None, log))
+                    run("diffusers+torchao fp8 row eager", dcall, module_bytes(dm))
                     if compile_peer:
                         dmc = torch.compile(dm)
-                        callc = lambda: dmc(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
-                                            pooled_projections=pooled, return_dict=False)[0]
-                        res["systems"].append(measure("diffusers+torchao fp8 row compiled", callc, ref, nv, iters,
-                                                      None, log))
+                        ccall = lambda x, t, ctx, pooled, skip_layers=(): dmc(
+                            hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
+                            return_dict=False)[0]
+                        run("diffusers+torchao fp8 row compiled", ccall, module_bytes(dm))
                 except ImportError as e:
                     log(f"  torchao not available: {e}")
             del dm
             gc.collect()
             torch.cuda.empty_cache()
-        state = {k: v for k, v in model.state_dict().items()}
         for pol in policies:
-            with torch.device("meta"):
-                q = MMDiT(cfg)
-            q.load_state_dict(state, assign=True)  # shares the bf16 tensors; quantize replaces the linears
+            q = fresh()
             fp8.quantize(q, pol)
-            res["systems"].append(measure(f"minisd35 fp8 {pol}", lambda q=q: q(*inputs), ref, nv, iters,
-                                          fp8.weight_bytes(q), log))
+            qb = module_bytes(q)
+            if plain:
+                run(f"minisd35 fp8 {pol} plain", q, qb)
+            run(f"minisd35 fp8 {pol}", accelerate(q), qb, profile and pol == policies[0])
+            if pol == policies[0]:
+                run(f"minisd35 fp8 {pol} fast-accum", accelerate(q, fast_accum=True), qb)
+                if fp8.has_triton():
+                    run(f"minisd35 fp8 {pol} triton-gemm", accelerate(q, gemm="triton"), qb)
+                if sustained_s:
+                    step = accelerate(q)
+                    res["sustained"][f"minisd35 fp8 {pol}"] = sustained(lambda: step(*inputs), sustained_s, nv)
             del q
             gc.collect()
             torch.cuda.empty_cache()
@@ -286,7 +400,8 @@ def cmd_bench(args) -> int:
     from .checkpoint import write_atomic
 
     res = run_bench(args.variant, args.px, args.batch, tuple(p for p in args.policies.split(",") if p),
-                    tuple(p for p in args.peers.split(",") if p), args.compile, args.iters)
+                    tuple(p for p in args.peers.split(",") if p), args.compile, args.plain, args.iters,
+                    args.image_steps, args.sustained, args.profile)
     line = json.dumps(res)
     if args.out:
         write_atomic(args.out, lambda tmp: Path(tmp).write_text(line + "\n"), force=True)

@@ -70,7 +70,7 @@ def _stage(name: str, device: torch.device, hint: str):
 class Pipeline:
     def __init__(self, mmdit: MMDiT, text_loader, vae_loader, *, preset: Preset, device: torch.device,
                  dtype: torch.dtype, low_vram: bool = False, text_encoders: str = "offload", policy: str = "bf16",
-                 source: str = ""):
+                 source: str = "", fast: bool | None = None):
         if text_encoders not in ("offload", "release", "keep"):
             raise InputError(f"text_encoders must be 'offload', 'release' or 'keep', not {text_encoders!r}")
         self.mmdit, self.preset, self.device, self.dtype = mmdit, preset, device, dtype
@@ -79,6 +79,15 @@ class Pipeline:
         self._text_loader, self._vae_loader = text_loader, vae_loader
         self._text, self._vae = None, None
         self.timings = Timings()
+        # The fused forward (fast.py) on CUDA unless asked otherwise; the plain model is its reference. CUDA graphs
+        # need the model to stay put, so low_vram (which moves it) runs the fused forward without graphs.
+        if fast is None:
+            fast = device.type == "cuda"
+        self.denoiser = mmdit
+        if fast:
+            from .fast import accelerate
+
+            self.denoiser = accelerate(mmdit, graphs=device.type == "cuda" and not low_vram)
 
     # -- components --------------------------------------------------------------------------------------------------
     @property
@@ -193,7 +202,9 @@ class Pipeline:
             x = sampling.noise(shape, gens, self.device, self.dtype)
 
         t0 = time.perf_counter()
-        model = self.mmdit.to(self.device) if self.low_vram else self.mmdit
+        if self.low_vram:
+            self.mmdit.to(self.device)
+        model = self.denoiser
         n = len(sig) - 1
         try:
             with _stage("MMDiT", self.device, hint):
@@ -283,11 +294,12 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
                   t5: bool = True, fp8: str | None = None, preset: str | None = None,
                   text_encoders: str | Path | None = None, vae: str | Path | None = None, low_vram: bool = False,
                   fp8_text: str | None = None, fp8_impl: str | None = None, t5_tokens: int | None = None,
-                  keep_text: str = "offload") -> Pipeline:
+                  keep_text: str = "offload", fast: bool | None = None) -> Pipeline:
     """Load everything needed for text-to-image. `fp8` names an FP8 policy for the MMDiT ('default', 'row', 'tensor',
     'weight-only' or a policy .json); it is applied while the weights are read, so the bf16 weights are never all in
     memory. `fp8_text` quantises T5 ('t5-w8'). `preset` forces the sampler defaults of a variant and checks the
-    MMDiT against it; otherwise the variant is detected from the weights (and 'turbo' in the path picks Large Turbo)."""
+    MMDiT against it; otherwise the variant is detected from the weights (and 'turbo' in the path picks Large Turbo).
+    `fast` (default: on CUDA) runs the fused forward of fast.py, captured as CUDA graphs."""
     from .text import load_text_encoders
     from .vae import load_vae
     from .weights import load_mmdit
@@ -330,7 +342,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
 
     policy = fp8 if isinstance(fp8, str) else ("file" if any(True for _ in _fp8_layers(mmdit)) else "bf16")
     return Pipeline(mmdit, text_loader, vae_loader, preset=pre, device=device, dtype=dtype, low_vram=low_vram,
-                    text_encoders=keep_text, policy=policy or "bf16", source=str(path))
+                    text_encoders=keep_text, policy=policy or "bf16", source=str(path), fast=fast)
 
 
 def _fp8_layers(model):
