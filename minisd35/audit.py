@@ -862,6 +862,8 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
         full = model_level["latent_rel_rms"] if s_steps == steps else run_errors(
             pipe.mmdit, s_inp, [frozenset(fp8_layers(pipe.mmdit))], per_batch)[0]
         sens_rows = sensitivity(pipe, s_inp, sensitivity_by, per_batch, say)
+        say(f"audit: sensitivity by {sensitivity_by} ({len(sens_rows)} units, {s_steps} steps): "
+            f"{time.perf_counter() - t0:.1f} s")
         tgt = target if target is not None else full / 2
         say(f"audit: searching the fewest most-sensitive units to keep in bf16 for error <= {tgt:.4g}")
         suggestion = suggest(pipe, s_inp, sens_rows, tgt, per_batch, full, say)
@@ -875,8 +877,8 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
         if sensitivity_by == "layer":
             for r in main.layers:
                 r["sensitivity"], r["sensitivity_rank"] = sens_of.get(r["layer"], (math.nan, ""))
-        say(f"audit: sensitivity by {sensitivity_by} ({len(sens_rows)} units, {s_steps} steps): "
-            f"{time.perf_counter() - t0:.1f} s")
+        say(f"audit: suggested policy: {len(suggestion['units'])} unit(s) kept in bf16, final latents error "
+            f"{verified:.4g} at {steps} steps")
 
     # --- files
     sens_cols = ("sensitivity", "sensitivity_rank")
