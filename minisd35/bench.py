@@ -279,7 +279,7 @@ def sustained(fn: Callable[[], object], seconds: float, nv: NVML) -> dict:
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="GPU benchmark: minisd35 bf16/FP8 vs diffusers (+torchao), one step and one image")
-    b.add_argument("--variant", default="sd3.5-large", choices=["sd3.5-large", "sd3.5-medium", "sd3-medium"])
+    b.add_argument("--variant", default="sd3.5-large", choices=["sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny"])
     b.add_argument("--px", type=int, default=1024)
     b.add_argument("--batch", type=int, default=2, help="2 = one CFG step for one image")
     b.add_argument("--policies", default="default,row,tensor,weight-only")
