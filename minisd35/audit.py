@@ -39,13 +39,15 @@ object, quantised with keep_original=True (from the checkpoint's own tensors whe
 loader does), and run as ONE batch: the latents are [run 0 = reference, run 1 = FP8] (same noise, same prompt), each
 on its own trajectory, and every FP8Linear computes its bf16 output for all rows (fp8.original_weights) while a
 forward hook replaces the rows of the runs that use FP8 for that layer by the FP8 result, computed by the layer's
-own forward (the same ref/torch/triton code a normal run uses). The hook sees, for the same layer and the same call,
-the FP8 output, the bf16 output on the same input (isolated error) and the reference run's output (propagated
+own forward (the same ref/torch/triton code the plain forward uses). The hook sees, for the same layer and the same
+call, the FP8 output, the bf16 output on the same input (isolated error) and the reference run's output (propagated
 error), and reduces them to a few scalars at once: nothing per-layer is stored, so full-size SD3.5 Large (384
 linears) audits in the memory of a two-image batch plus one layer's temporaries. Everything in the MMDiT is per
 sample, so batching the runs changes at most the rounding (on the CPU in bf16 the audit's runs are bit-identical to
 separate runs of `generate` and `generate --fp8`). Sensitivity runs use the same mechanism with one run per layer
-group ([reference, only group 1 in FP8, only group 2 in FP8, ...]) in chunks of --runs-per-batch.
+group ([reference, only group 1 in FP8, only group 2 in FP8, ...]) in chunks of --runs-per-batch. The audit runs the
+plain forward (mmdit.py with FP8Linear modules), never fast.py's fused one (which `generate` uses on CUDA and which
+has no per-layer modules to hook); the plain forward is the fused one's numerical reference.
 
 Outputs (out_dir; existing files are not overwritten without force): layers.csv (one row per FP8 layer: weight
 stats, activation stats and errors aggregated over steps), layer_steps.csv (per layer and step), steps.csv (per
@@ -816,7 +818,7 @@ def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str
     if isinstance(pipe_or_path, Pipeline):
         pipe, source = pipe_or_path, pipe_or_path.source
     else:
-        pipe = load_pipeline(pipe_or_path, dtype=dtype, device=device, t5=t5)
+        pipe = load_pipeline(pipe_or_path, dtype=dtype, device=device, t5=t5, fast=False)  # the plain forward
         source = str(pipe_or_path)
     d = pipe.defaults
     steps = d.steps if steps is None else steps
