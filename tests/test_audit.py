@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -57,16 +58,19 @@ def run(tmp_path_factory):
     env = {**os.environ, "MINISD35_CACHE": str(tmp / "cache"), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "minisd35", "audit", "a green sphere", "--model", "tiny", "--out", str(out),
            "--compare", "row,tensor,weight-only", "--sensitivity", "type", "--seed", "3"]
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    return {"proc": proc, "out": out, "seconds": seconds, "summary": summary, "root": Path(summary["model"])}
+    return {"proc": proc, "out": out, "seconds": seconds, "cpu": cpu, "summary": summary,
+            "root": Path(summary["model"])}
 
 
 def test_cli_end_to_end(run):
-    assert run["seconds"] < 120, f"audit --model tiny took {run['seconds']:.0f} s"
+    assert run["seconds"] < 120, f"audit --model tiny took {run['seconds']:.0f} s ({run['cpu']:.0f} s of CPU)"
     last = run["proc"].stdout.strip().splitlines()[-1]
     assert json.loads(last) == run["summary"]
     s = run["summary"]
@@ -225,12 +229,14 @@ def test_outlier_layer_is_found_under_tensor_scaling_and_cleared_by_row(run):
             ada.bias[gate_mlp * D + j] /= s
         for policy in ("tensor", "row"):
             quantize(model, policy, keep_original=True)
-            ranked = audit.sensitivity(pipe, inp, "layer", per_batch=32)
+            if (s, policy) == (1e5, "tensor"):  # the full ranking, every layer alone in FP8
+                ranked = audit.sensitivity(pipe, inp, "layer", per_batch=32)
+                mine = next(r for r in ranked if r["unit"] == LAYER)
+                worst_other = max(r["final_rel_rms"] for r in ranked if r["unit"] != LAYER)
+                result[s, policy] = mine["final_rel_rms"]
+            else:  # only this layer in FP8
+                result[s, policy] = audit.run_errors(model, inp, [frozenset({LAYER})], per_batch=2)[0]
             audit.restore_bf16(model)
-            mine = next(r for r in ranked if r["unit"] == LAYER)
-            others = [r["final_rel_rms"] for r in ranked if r["unit"] != LAYER]
-            result[s, policy] = (mine["rank"], mine["final_rel_rms"], max(others))
-    rank, err, worst_other = result[1e5, "tensor"]
-    assert rank == 1 and err > 2 * worst_other
-    assert result[1e5, "row"][0] > 1 and result[1e5, "row"][1] < err / 3
-    assert result[1e2, "tensor"][0] > 1 and result[1e2, "tensor"][1] < 1.25 * result[1e2, "row"][1]
+    assert mine["rank"] == 1 and result[1e5, "tensor"] > 2 * worst_other
+    assert result[1e5, "row"] < result[1e5, "tensor"] / 3 and result[1e5, "row"] < worst_other
+    assert result[1e2, "tensor"] < 1.25 * result[1e2, "row"]  # E4M3: a 100x row costs per-tensor scaling nothing
