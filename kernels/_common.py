@@ -20,6 +20,7 @@ kernels do about it (all of it is switched off in compiled code):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -151,6 +152,18 @@ def check_scale(fn: str, name: str, s, n: int, what: str) -> None:
         raise InputError(f"{fn}: {name} must be contiguous; pass {name}.contiguous()")
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(dev: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, cached: the wrappers ask on every call, and eager calls of the small
+    kernels are host-bound (H200, GPU session 1: quant_fp8 took 75 us per call at K = 2432 and at K = 9728 alike,
+    i.e. launch cost, not the 4x larger memory traffic; CUDA graphs remove it)."""
+    return _capability(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 def check_device(fn: str, *tensors, fp8: bool = True) -> torch.device:
     """All tensors on one device, and that device can run the kernel: a CUDA GPU (sm89+ when `fp8`, i.e. when
     Triton must handle the float8 type), or the CPU under the Triton interpreter."""
@@ -163,7 +176,7 @@ def check_device(fn: str, *tensors, fp8: bool = True) -> torch.device:
             raise HardwareError(f"{fn}: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
                                 f"triton is first imported); otherwise use {fn}_ref, the plain torch version")
     elif dev.type == "cuda":
-        cap = torch.cuda.get_device_capability(dev)
+        cap = capability(dev)
         if fp8 and cap < (8, 9):
             raise HardwareError(f"{fn}: needs FP8 support in Triton (compute capability 8.9+, Ada or Hopper); "
                                 f"{torch.cuda.get_device_name(dev)} is sm{cap[0]}{cap[1]}. Use dequant_gemm(..., "

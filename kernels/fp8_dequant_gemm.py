@@ -22,6 +22,13 @@ Two ways to decode the bytes (bitcast=):
          not map is NaN (0x7F / 0xFF, which would decode as 480), so it is selected explicitly.
   None (default): True for a uint8 weight or a GPU below sm89, otherwise False. Force True on Hopper to measure it.
 
+Three launch paths. M <= 4 (the adaLN modulation: one row per sample): an FMA GEMV without tensor cores (each
+program streams BLOCK_N weight rows with 16-byte loads and multiplies them by the few x rows in fp32 registers)
+or the MMA kernel's GEMV configs, whichever the first call for the layer shape measures as faster (GPU session 1,
+H200, M = 2: the MMA GEMV alone reached 1.13x bf16 F.linear for SD3.5 Large's adaLN and 0.76x for Medium's, i.e.
+~2 TB/s of weight traffic; the FMA GEMV was written after that, to keep more loads in flight). Above M = 4: the
+MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune set.
+
 Tiling: SWAP_AB (a config flag the autotuner chooses) computes the transposed product out^T = W @ x^T, so the
 dequantised weight tile (which lives in registers) is the left operand of the MMA; Hopper's wgmma can read its
 left operand from registers but the right one only from shared memory. For M <= 16 this is also the natural
@@ -41,7 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FP8, check_device, check_scale, check_tensor, interpreting, on_device, pick_configs
+from kernels._common import (
+    FP8,
+    capability,
+    check_device,
+    check_scale,
+    check_tensor,
+    interpreting,
+    next_pow2,
+    on_device,
+    pick_configs,
+)
 from minisd35.errors import HardwareError, InputError
 
 GEMV_MAX_M = 16  # M up to this uses the GEMV config set (one 16-row MMA tile covers all tokens)
@@ -62,8 +79,13 @@ GEMM_CONFIGS = [
     _cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 8, False),
     _cfg(128, 128, 64, 4, 4, False), _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
 ]
+# FMA GEMV (M <= 4, no tensor cores): BLOCK_N weight rows x BLOCK_K per program and step, many programs (912 for
+# N = 14592 at BLOCK_N = 16) with few registers each, so that enough 16-byte weight loads are in flight.
+FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in
+                    [(16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 8), (8, 1024, 8), (4, 1024, 4)]]
 # the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
 CPU_GEMV_CONFIGS, CPU_GEMM_CONFIGS = [_cfg(16, 32, 32, 1, 4, True)], [_cfg(32, 32, 32, 1, 4, False, group=2)]
+CPU_FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
 @triton.jit
@@ -73,6 +95,20 @@ def e4m3_bits_to_float(u):
     h = (((u & 0x7F) << 7) | ((u & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
     v = h.to(tl.float32) * 256.0
     return tl.where((u & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, rn, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr,
+              W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc [rows, cols] fp32 -> * w_scale[n] + bias[n] -> x's dtype, rows >= M and cols >= N not stored."""
+    if W_PER_COL:
+        acc = acc * tl.load(w_scale_ptr + rn)[None, :]
+    else:
+        acc = acc * tl.load(w_scale_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn)[None, :].to(tl.float32)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,27 +165,81 @@ def _dequant_gemm_kernel(
         w_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)
-
-    if W_PER_COL:
-        acc = acc * tl.load(w_scale_ptr + rn)[None, :]
-    else:
-        acc = acc * tl.load(w_scale_ptr)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn)[None, :].to(tl.float32)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(dtype), mask=mask)
+    _epilogue(acc, offs_m, offs_n, rn, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
 
 
-# One kernel, two autotuned launchers with different config sets (both keyed on the layer shape N, K).
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_dequant_gemm_kernel)
-_gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_even_k)
-_gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS), key=["N", "K", "BITCAST"])(_even_k)
+@triton.jit
+def _dequant_gemv_kernel(
+    x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, M_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """M <= 4 tokens: plain fp32 FMAs instead of a 16-row MMA tile (which would load x 8 times over for M = 2 and
+    tie BLOCK_N to the MMA's shape). Each K step reduces its [M_PAD, BLOCK_N, BLOCK_K] products over K at once,
+    so only the [M_PAD, BLOCK_N] sums live across iterations: few registers, many programs per SM, and with them
+    many 16-byte weight loads in flight, which is what a memory-bound GEMV needs."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_m = tl.arange(0, M_PAD)
+    rm = offs_m % M
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]  # [M_PAD, BLOCK_K]
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            wq = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            wq = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if BITCAST:
+            w = e4m3_bits_to_float(wq)
+        else:
+            w = wq.to(tl.float32)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    _epilogue(acc, offs_m, offs_n, rn, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+
+
+# Three autotuned launchers (all keyed on the layer shape N, K): the FMA GEMV for M <= 4, and the MMA kernel with
+# its GEMV (M <= 16) and GEMM config sets.
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_fma_gemv = triton.autotune(configs=pick_configs(FMA_GEMV_CONFIGS, CPU_FMA_GEMV_CONFIGS),
+                            key=["N", "K", "BITCAST", "M_PAD"])(_even_k(_dequant_gemv_kernel))
+_mma = _even_k(_dequant_gemm_kernel)
+_gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
+_gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
+FMA_MAX_M = 4  # M up to this may use the FMA GEMV
+_GEMV_PATH: dict[tuple, str] = {}  # (N, K, M_PAD, bitcast, dtypes, device) -> "fma" | "mma", measured once
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  bitcast: bool | None = None) -> torch.Tensor:
     """y [M, N] (x's dtype) = x @ (w.float() * w_scale[:, None]).T + bias, with fp32 accumulation.
     x [M, K] bf16/fp16, w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring."""
+    M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
+    if M > FMA_MAX_M:
+        return _dequant_gemm(x, w, w_scale, bias, bitcast, "mma")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or interpreting() or not x.is_cuda:
+        return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma")  # (and any argument error is raised there)
+    # a handful of rows: the FMA GEMV or the MMA one, whichever is faster for this layer shape, timed once per
+    # shape on the first call (like the autotuner: make that call before capturing a CUDA graph)
+    key = (w.shape[0], w.shape[1], next_pow2(M), bitcast, w.dtype, x.dtype, x.device)
+    if key not in _GEMV_PATH:
+        import triton.testing
+
+        times = {path: triton.testing.do_bench(lambda path=path: _dequant_gemm(x, w, w_scale, bias, bitcast, path))
+                 for path in ("fma", "mma")}
+        _GEMV_PATH[key] = min(times, key=times.get)
+    return _dequant_gemm(x, w, w_scale, bias, bitcast, _GEMV_PATH[key])
+
+
+def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
+    """path: "fma" (the FMA GEMV, M <= 4) or "mma" (tensor cores; GEMV configs up to 16 rows, GEMM above)."""
     fn = "dequant_gemm"
     check_tensor(fn, "x", x, (torch.bfloat16, torch.float16), ndim=2)
     check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2)
@@ -163,14 +253,14 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
         if bias.shape[0] != N:
             raise InputError(f"dequant_gemm: bias has shape {tuple(bias.shape)}; expected [{N}]")
     if bitcast is None:
-        old_gpu = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9)
+        old_gpu = x.device.type == "cuda" and capability(x.device) < (8, 9)
         bitcast = w.dtype == torch.uint8 or old_gpu
     dev = check_device(fn, x, w, w_scale, bias, fp8=not bitcast)
     if not bitcast and w.dtype == torch.uint8:
         w = w.view(FP8)
     if bitcast:
         w = w.view(torch.uint8)
-    if dev.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev) < (8, 0):
+    if dev.type == "cuda" and x.dtype == torch.bfloat16 and capability(dev) < (8, 0):
         raise HardwareError("dequant_gemm: bf16 needs compute capability 8.0+; pass fp16 activations")
 
     out = torch.empty((M, N), dtype=x.dtype, device=dev)
@@ -178,13 +268,17 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
         return out
     if K == 0:
         return dequant_gemm_ref(x, w, w_scale, bias)
-    launch = _gemv if M <= GEMV_MAX_M else _gemm
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    args = (x, w, out, w_scale, bias if bias is not None else out, M, N, K, x.stride(0), w.stride(0), out.stride(0))
+    flags = dict(W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, BITCAST=bool(bitcast))
     with on_device(dev):
-        launch[grid](x, w, out, w_scale, bias if bias is not None else out, M, N, K,
-                     x.stride(0), w.stride(0), out.stride(0),
-                     W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, BITCAST=bool(bitcast),
-                     DOT_F32=interpreting())
+        if path == "fma":
+            if M > FMA_MAX_M:
+                raise InputError(f"dequant_gemm: the FMA GEMV takes at most {FMA_MAX_M} rows, got M={M}")
+            _fma_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, M_PAD=next_pow2(M), **flags)
+        else:
+            launch = _gemv if M <= GEMV_MAX_M else _gemm
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            launch[grid](*args, DOT_F32=interpreting(), **flags)
     return out
 
 

@@ -19,15 +19,17 @@ The accumulator story (why `fast_accum` exists and defaults to False):
   relative error grows with K and the later partial products lose their low bits against a large running sum.
   Triton's `tl.dot(a, b, acc)` on fp8 operands on sm90 uses max_num_imprecise_acc = 2**30 by default, i.e. it
   never promotes: the whole K loop stays in that accumulator (fast_accum=True here, and torch._scaled_mm's
-  use_fast_accum=True). The precise variant (fast_accum=False, the default) starts every BLOCK_K (<= 128) slice
-  of K from zero, `acc += tl.dot(a, b)`, and adds it into a separate fp32 register tile with ordinary fp32 adds:
-  promotion every <= 128 products, as cuBLAS / CUTLASS slow-accum and DeepGEMM do. Triton only fuses
+  use_fast_accum=True). The precise variant (fast_accum=False, the default) promotes every 128 products:
+  `tl.dot(a, b, acc, max_num_imprecise_acc=128)` makes the compiler accumulate each 128-long slice of K in a fresh
+  MMA accumulator and add it into the fp32 `acc` with ordinary fp32 adds, as cuBLAS / CUTLASS slow-accum and
+  DeepGEMM do. (`acc += tl.dot(a, b)` per K tile does the same by hand, because Triton only folds
   `acc + dot(a, b, 0)` back into one accumulating dot when max_num_imprecise_acc is 0, which it is not for fp8 on
-  sm90, so the promotion survives compilation (tests/test_kernels.py compiles both for sm90 and counts the fp32
-  adds). A third variant, `tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)`, has the compiler insert the same
-  promotion; bench/kernels_gpu.py times it too. Promotion costs some speed (the adds are not overlapped with the
-  next MMA as well); SD3.5's fc2 has K = 9728, the worst case for the drift, and the bench measures all three
-  (time, and error against an fp64 reference) so that the default can be revisited with numbers.
+  sm90; tests/test_kernels.py compiles both for sm90 and counts the fp32 adds.) Measured on an H200 at K = 9728
+  (SD3.5's fc2, the worst case): relative error against fp64 1.3e-4 (precise) vs 2.3e-3 (fast) on zero-mean data,
+  6.0e-4 vs 0.148 (!) on all-positive data, identical to torch._scaled_mm slow / fast. Hence the default. The
+  price: the adds run while the tensor cores wait (no warp specialisation here), about 25% of the MMA time. Same
+  H200, M = 8858, Large shapes: precise 753-829 TFLOP/s, fast 962-1179, torch._scaled_mm row-wise 1040-1142
+  (slow accumulation) and 1195-1290 (fast) - the promotion is the gap, cuBLAS overlaps it with the next MMA.
 
 Tiling: BLOCK_M x BLOCK_N output tiles, K walked in BLOCK_K steps, tiles visited in GROUP_M-row groups so that
 neighbouring programs share A rows and W columns in L2 (the Triton matmul tutorial's ordering). Row and column
@@ -55,7 +57,10 @@ from kernels._common import FP8, check_device, check_scale, check_tensor, on_dev
 from minisd35.errors import InputError
 
 ACTS = ("none", "gelu_tanh")
-FAST, PRECISE_ADD, PRECISE_LIMIT = 0, 1, 2  # ACC_MODE: no promotion | acc += dot per K tile | max_num_imprecise_acc
+# ACC_MODE: FAST never promotes; PRECISE promotes every 128 products inside the dot lowering
+# (max_num_imprecise_acc=128, the default); PRECISE_ADD promotes with `acc += tl.dot(a, b)` per K tile (kept to
+# compare: same error, measured 3-10% slower on an H200)
+FAST, PRECISE_ADD, PRECISE = 0, 1, 2
 
 
 def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group: int = 8) -> triton.Config:
@@ -63,13 +68,30 @@ def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group: int = 8) -> 
                          num_stages=stages, num_warps=warps)
 
 
-# Hopper FP8 wants BLOCK_K = 128 (one 128-byte row of fp8 per operand row per stage) and big tiles: a 128x256
-# tile with 3-4 stages holds 48 KB of operands per stage. The smaller tiles cover narrow N / short M layers.
+# Hopper FP8 wants BLOCK_K >= 128 (one 128-byte row of fp8 per operand row per stage) and big tiles. The first
+# four hold 128 fp32 accumulator registers per thread: the best for fast accumulation, but the promotion needs a
+# second tile of the same size and they spill (ptxas -v, sm90: 255 registers + 300-600 bytes of spills), so
+# _prune_gemm keeps them for fast_accum only. The rest hold 64 per thread and fit both (164-248 registers).
 GEMM_CONFIGS = [
-    _cfg(128, 256, 128, 3, 8), _cfg(256, 128, 128, 3, 8), _cfg(128, 256, 128, 4, 8), _cfg(256, 128, 128, 4, 8),
-    _cfg(128, 128, 128, 4, 8), _cfg(128, 128, 128, 4, 4), _cfg(64, 256, 128, 4, 4), _cfg(128, 64, 128, 4, 4),
+    _cfg(128, 256, 128, 3, 8), _cfg(256, 128, 128, 3, 8), _cfg(128, 256, 128, 4, 8), _cfg(64, 256, 128, 4, 4),
+    _cfg(128, 128, 128, 3, 8), _cfg(128, 128, 128, 4, 8), _cfg(128, 128, 256, 3, 8), _cfg(128, 64, 128, 4, 4),
+    _cfg(64, 128, 128, 4, 4),
 ]
 CPU_CONFIGS = [_cfg(32, 32, 32, 1, 4, group=2)]  # the interpreter: one small config, nothing to time
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Per accumulation mode: PRECISE_ADD promotes once per K tile, so BLOCK_K must stay <= 128; both precise modes
+    need registers for a second fp32 tile, so at most 64 accumulator registers per thread."""
+    acc_mode = {**named_args, **kwargs}["ACC_MODE"]
+
+    def fits(c: triton.Config) -> bool:
+        if acc_mode == FAST:
+            return True
+        acc_regs = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+        return acc_regs <= 64 and (acc_mode == PRECISE or c.kwargs["BLOCK_K"] <= 128)
+
+    return [c for c in configs if fits(c)] or configs[-1:]
 
 
 @triton.jit
@@ -80,8 +102,10 @@ def _gelu_tanh(x):
 
 
 @triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_CONFIGS),
-                 key=["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+                 key=["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                    "PROMOTE": lambda args: min(args["BLOCK_K"], 128)})  # products per promotion (<= the dot's K)
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
@@ -90,7 +114,7 @@ def _fp8_gemm_kernel(
     A_PER_ROW: tl.constexpr, W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, ACC_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     # grouped tile order: GROUP_M consecutive row-tiles share each column-tile while it is hot in L2
     pid = tl.program_id(0)
@@ -123,8 +147,8 @@ def _fp8_gemm_kernel(
             acc = tl.dot(a, b, acc)
         elif ACC_MODE == 1:  # PRECISE_ADD: a fresh MMA accumulator per K tile, promoted with fp32 adds
             acc += tl.dot(a, b)
-        else:  # PRECISE_LIMIT: same promotion, done inside the dot lowering
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:  # PRECISE: the compiler adds a partial accumulator into acc after every PROMOTE (128) products
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -185,7 +209,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
     rounded once to out_dtype. a [M, K] e4m3, w [N, K] e4m3, scales fp32 [M] / [N] or 1-element. rows_per_batch=0
     infers M // gate.shape[0]. fast_accum=True skips the fp32 promotion of the accumulator (see module docstring)."""
     return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
-                     FAST if fast_accum else PRECISE_ADD)
+                     FAST if fast_accum else PRECISE)
 
 
 def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch, acc_mode: int):

@@ -166,8 +166,11 @@ def quant_fp8_ref(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor |
     if scale is None:
         amax = xf.abs().amax(dim=1) if per_token else xf.abs().amax().reshape(1)
         amax = amax.clamp_min(SCALE_FLOOR)
-        scale = amax / FP8_MAX
-        inv = torch.full_like(amax, FP8_MAX) / amax  # not FP8_MAX / amax: torch computes that as reciprocal * 448
+        # tensor / tensor: an IEEE division, as the kernel's div_rn. A Python-scalar operand is not: CUDA torch
+        # divides by a scalar as a multiply by its reciprocal and computes 448 / t as reciprocal(t) * 448, which
+        # is one ulp off now and then (H200, GPU session 1: the scales differed while every code agreed)
+        scale = amax / torch.full_like(amax, FP8_MAX)
+        inv = torch.full_like(amax, FP8_MAX) / amax
     else:
         inv = torch.ones_like(scale) / scale
     q = xf * (inv[:, None] if inv.numel() > 1 else inv.reshape(1, 1))

@@ -261,7 +261,7 @@ def test_scaled_mm_helper():
 
 
 @pytest.mark.parametrize("bitcast", [False, True])
-@pytest.mark.parametrize("M", [1, 3, 20])  # GEMV configs up to 16 rows, GEMM configs above
+@pytest.mark.parametrize("M", [1, 3, 7, 20])  # FMA GEMV up to 4 rows, MMA GEMV configs up to 16, GEMM above
 def test_dequant_decodes_every_code(bitcast, M):
     # x = ones [M, 1], w = one code per output channel, scale 1: out[m, n] is the decoded code, exactly
     table = torch.arange(256, dtype=torch.uint8)
@@ -280,7 +280,7 @@ def test_dequant_bitcast_nan_codes():
 
 
 @pytest.mark.parametrize("bitcast", [False, True])
-@pytest.mark.parametrize("M,K,N", [(1, 72, 40), (3, 100, 56), (67, 72, 40), (67, 64, 56)])
+@pytest.mark.parametrize("M,K,N", [(1, 72, 40), (3, 100, 56), (9, 100, 40), (67, 72, 40), (67, 64, 56)])
 def test_dequant_gemm_matches_ref(bitcast, M, K, N):
     x = randn(M, K, dtype=torch.float16, seed=M + K)
     w, sw = quant_fp8_ref(randn(N, K, scale=0.05, seed=18))
@@ -293,6 +293,19 @@ def test_dequant_gemm_matches_ref(bitcast, M, K, N):
     assert rel_rms(out, ref) < 1e-3
     xb = x.bfloat16()  # bf16 activations; the interpreter truncates the bf16 output (one ulp)
     assert rel_rms(dequant_gemm(xb, w, sw, None, bitcast=bitcast), dequant_gemm_ref(xb, w, sw)) < 1e-2
+
+
+@pytest.mark.parametrize("path", ["fma", "mma"])
+def test_dequant_gemv_paths_agree(path):
+    # at M <= 4 the default picks one of two GEMV kernels by timing; both must compute the same thing
+    from kernels.fp8_dequant_gemm import _dequant_gemm
+
+    for M in (1, 2, 4):
+        x = randn(M, 100, dtype=torch.float16, seed=M)
+        w, sw = quant_fp8_ref(randn(56, 100, scale=0.05, seed=30))
+        bias = randn(56, dtype=torch.bfloat16, seed=31)
+        for bitcast in (False, True):
+            assert rel_rms(_dequant_gemm(x, w, sw, bias, bitcast, path), dequant_gemm_ref(x, w, sw, bias)) < 1e-3
 
 
 def test_dequant_gemm_uint8_weight_and_per_tensor_scale():
@@ -380,7 +393,7 @@ def jit_fn(k):
     return k
 
 out = []
-def build(name, kernel, sig, consts, arch, cfg=None, warps=4, stages=3):
+def build(name, kernel, sig, consts, arch, cfg=None, warps=4, stages=3, **options):
     fn = jit_fn(kernel)
     if cfg is not None:
         consts, warps, stages = {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
@@ -391,8 +404,10 @@ def build(name, kernel, sig, consts, arch, cfg=None, warps=4, stages=3):
     rec = {"name": name, "arch": arch}
     try:
         k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-        rec.update(ok=True, shared=k.metadata.shared, fadd=k.asm["ptx"].count("add.f32"))
+                           target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages, **options})
+        ptx = k.asm["ptx"]
+        rec.update(ok=True, shared=k.metadata.shared, fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"))
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
     out.append(rec)
@@ -410,20 +425,22 @@ g_sig = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_
          "bias_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
          "rows_per_batch": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_gb": "i32",
          "stride_rm": "i32"}
-big = fp8_gemm.GEMM_CONFIGS[0]
+big = next(c for c in fp8_gemm.GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 128  # a config the precise modes use
+           and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 64)
 for acc in (0, 1, 2):
     build(f"gemm acc={acc}", fp8_gemm._fp8_gemm_kernel, g_sig, dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True,
-          ACT="none", HAS_GATE=False, HAS_RES=False, ACC_MODE=acc, EVEN_K=True), 90, cfg=big)
+          ACT="none", HAS_GATE=False, HAS_RES=False, ACC_MODE=acc, EVEN_K=True, PROMOTE=128), 90, cfg=big)
 build("gemm gelu + gate + residual, per-tensor, K tail, fp32 out", fp8_gemm._fp8_gemm_kernel,
       {**g_sig, "out_ptr": "*fp32", "res_ptr": "*fp32"}, dict(A_PER_ROW=False, W_PER_COL=False, HAS_BIAS=True,
-      ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True, ACC_MODE=1, EVEN_K=False), 90, cfg=big)
-for cfg in fp8_gemm.GEMM_CONFIGS[1:]:
+      ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True, ACC_MODE=2, EVEN_K=False, PROMOTE=128), 90, cfg=big)
+for cfg in [c for c in fp8_gemm.GEMM_CONFIGS if c is not big]:
     build(f"gemm config {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", fp8_gemm._fp8_gemm_kernel, g_sig,
           dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="none", HAS_GATE=False, HAS_RES=False,
-          ACC_MODE=1, EVEN_K=True), 90, cfg=cfg)
+          ACC_MODE=0 if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps) > 64 else 2,
+          EVEN_K=True, PROMOTE=min(cfg.kwargs["BLOCK_K"], 128)), 90, cfg=cfg)
 build("gemm sm89", fp8_gemm._fp8_gemm_kernel, g_sig, dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True,
-      ACT="none", HAS_GATE=False, HAS_RES=False, ACC_MODE=1, EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
-      GROUP_M=8), 89, warps=4)
+      ACT="none", HAS_GATE=False, HAS_RES=False, ACC_MODE=2, EVEN_K=True, PROMOTE=64, BLOCK_M=64, BLOCK_N=64,
+      BLOCK_K=64, GROUP_M=8), 89, warps=4)
 
 d_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
          "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
@@ -434,6 +451,14 @@ for cfg in (swap(gemv, True), swap(gemv, False), swap(gemm, True), swap(gemm, Fa
         build(f"dequant {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemm_kernel,
               {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig,
               dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, DOT_F32=False, EVEN_K=True), 90, cfg=cfg)
+for cfg in fp8_dequant_gemm.FMA_GEMV_CONFIGS[:2]:
+    for bitcast in (False, True):
+        build(f"dequant FMA GEMV {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemv_kernel,
+              {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig,
+              dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, M_PAD=2, EVEN_K=True), 90, cfg=cfg)
+    build(f"dequant FMA GEMV sm80 {cfg.kwargs} bitcast", fp8_dequant_gemm._dequant_gemv_kernel,
+          {**d_sig, "w_ptr": "*u8"}, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=True, M_PAD=2, EVEN_K=False),
+          80, cfg=cfg)
 for cfg in (fp8_dequant_gemm.GEMV_CONFIGS[1], fp8_dequant_gemm.GEMM_CONFIGS[2]):
     build(f"dequant sm80 bitcast {cfg.kwargs}", fp8_dequant_gemm._dequant_gemm_kernel,
           {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
@@ -445,7 +470,7 @@ l_sig = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": 
 for quant in (True, False):
     build(f"ln_mod quant={quant}", ln_mod_quant._ln_mod_kernel, l_sig if quant else {**l_sig, "y_ptr": "*bf16"},
           dict(QUANT=quant, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
-               Y_DT=tl.bfloat16, BLOCK_M=2, BLOCK_K=4096), 90, warps=8)
+               Y_DT=tl.bfloat16, BLOCK_M=2, BLOCK_K=4096), 90, warps=8, enable_fp_fusion=False)  # as launched
 json.dump(out, sys.stdout)
 '''
 
@@ -475,11 +500,14 @@ def test_kernels_compile_for_the_gpu():
     for (name, arch), r in builds.items():
         assert r["shared"] <= smem_limit[arch], (name, arch, r["shared"])
     # the main loop is software-pipelined (operand tiles of several K steps in flight), not load-then-compute
-    big = fp8_gemm.GEMM_CONFIGS[0]
+    big = next(c for c in fp8_gemm.GEMM_CONFIGS if c.kwargs["BLOCK_K"] == 128
+               and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 64)
     stage = (big.kwargs["BLOCK_M"] + big.kwargs["BLOCK_N"]) * big.kwargs["BLOCK_K"]  # fp8: one byte per element
     assert builds[("gemm acc=1", 90)]["shared"] >= stage * (big.num_stages - 1)
     # precise accumulation really promotes: fp32 adds of the per-K-tile MMA result into the accumulator, one per
     # accumulator element per thread (BLOCK_M * BLOCK_N / threads), which the fast path does not have
     per_thread = big.kwargs["BLOCK_M"] * big.kwargs["BLOCK_N"] // (32 * big.num_warps)
-    fast, precise, limit = (builds[(f"gemm acc={i}", 90)]["fadd"] for i in range(3))
-    assert precise - fast >= per_thread and limit - fast >= per_thread
+    fast, precise_add, precise = (builds[(f"gemm acc={i}", 90)]["fadd"] for i in range(3))
+    assert precise - fast >= per_thread and precise_add - fast >= per_thread
+    # ln_mod keeps torch's two roundings of x * (1 + scale) + shift: no bf16 fma fusing them into one
+    assert builds[("ln_mod quant=False", 90)]["bf16_fma"] == 0 and builds[("ln_mod quant=True", 90)]["bf16_fma"] == 0
