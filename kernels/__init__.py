@@ -6,13 +6,15 @@ TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and
     fp8_gemm.py          fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
                          fast_accum) -> out                                               W8A8 GEMM + epilogue
                          scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, fast_accum)   the torch._scaled_mm path
-    fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None) -> y             weight-only FP8 (any GPU)
+    fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None) -> y             weight-only FP8 (any GPU;
+                         M <= 4 picks the faster of two GEMV kernels on its first call per layer shape)
     ln_mod_quant.py      ln_mod_quant(x, shift, scale, rows_per_batch, eps) -> (y_fp8, y_scale), ln_mod(...) -> y
 Every one has a `*_ref` twin in plain torch with the same semantics. Conventions (scale = dequant multiplier,
 amax / 448, clamp before every cast) are in _common.py.
 
 Nothing here is imported unless triton is installed; `HAS_TRITON` says whether it is. Kernels run on CUDA tensors,
-or on CPU tensors when TRITON_INTERPRET=1 was set before the kernel modules were first imported."""
+or on CPU tensors when TRITON_INTERPRET=1 was set before the kernel modules were first imported. Every kernel
+autotunes (times its configs) on its first call for a layer shape: make that call before capturing a CUDA graph."""
 
 try:
     import triton  # noqa: F401

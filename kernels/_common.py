@@ -123,7 +123,7 @@ def pick_configs(gpu: list, cpu: list) -> list:
     return gpu
 
 
-def check_tensor(fn: str, name: str, t, dtypes: tuple, ndim: int | None = None) -> None:
+def check_tensor(fn: str, name: str, t, dtypes: tuple, ndim: int | None = None, int64: bool = False) -> None:
     """Raise InputError naming the function, the argument and what was found, unless `t` is a tensor of one of
     `dtypes` with `ndim` dimensions whose last dimension is contiguous (rows may be strided)."""
     if not isinstance(t, torch.Tensor):
@@ -137,7 +137,7 @@ def check_tensor(fn: str, name: str, t, dtypes: tuple, ndim: int | None = None) 
     if ndim and t.numel() > 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise InputError(f"{fn}: {name} (shape {tuple(t.shape)}, strides {t.stride()}) must have a contiguous last "
                          f"dimension; pass {name}.contiguous()")
-    if t.numel() >= 2**31:
+    if t.numel() >= 2**31 and not int64:  # int64=True: the kernel computes this tensor's offsets in 64 bits
         raise InputError(f"{fn}: {name} has {t.numel()} elements; the kernels index with int32 (< 2**31), "
                          f"split the call into smaller chunks of rows")
 

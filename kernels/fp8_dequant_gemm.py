@@ -134,7 +134,7 @@ def _dequant_gemm_kernel(
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], as stored
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], as stored
     dtype = x_ptr.dtype.element_ty
     # the MMA's input type: x's dtype; fp32 only under the interpreter, whose tl.dot multiplies bf16 tiles as raw
     # 16-bit integers (fp32 is exact here: bf16 and E4M3 values are fp32 values, and products fit in fp32)
@@ -185,7 +185,7 @@ def _dequant_gemv_kernel(
     rm = offs_m % M
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]  # [M_PAD, BLOCK_K]
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], 64-bit offsets
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -242,7 +242,7 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
     """path: "fma" (the FMA GEMV, M <= 4) or "mma" (tensor cores; GEMV configs up to 16 rows, GEMM above)."""
     fn = "dequant_gemm"
     check_tensor(fn, "x", x, (torch.bfloat16, torch.float16), ndim=2)
-    check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2)
+    check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2, int64=True)  # e.g. all of a model's adaLN weights at once
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K:
