@@ -70,17 +70,24 @@ def amax_scale(amax: torch.Tensor) -> torch.Tensor:
     return amax.float().clamp(min=SCALE_FLOOR) / E4M3_MAX
 
 
-def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale, clamped to +-448, cast with round-to-nearest-even. scale broadcasts against x."""
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+def scales_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, inverse) = (amax / 448, 448 / amax), each one IEEE fp32 division, amax floored. Quantising multiplies
+    by the inverse, exactly as the Triton kernels do, so the reference and the kernels give the same codes."""
+    a = amax.float().clamp(min=SCALE_FLOOR)
+    return a / E4M3_MAX, E4M3_MAX / a
+
+
+def to_e4m3(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """x * inv (inv = 1 / scale), clamped to +-448, cast with round-to-nearest-even. inv broadcasts against x."""
+    return (x.float() * inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (w8 [N, K] e4m3, scale fp32 [N] or [1])."""
     wf = w.float()
     amax = wf.abs().amax(dim=1) if per_channel else wf.abs().amax().reshape(1)
-    scale = amax_scale(amax)
-    return to_e4m3(wf, scale[:, None]), scale
+    scale, inv = scales_from_amax(amax)
+    return to_e4m3(wf, inv[:, None]), scale
 
 
 def quantize_act(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | None = None):
@@ -88,8 +95,11 @@ def quantize_act(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | 
     if scale is None:
         xf = x.float()
         amax = xf.abs().amax(dim=1) if per_token else xf.abs().amax().reshape(1)
-        scale = amax_scale(amax)
-    return to_e4m3(x, scale.reshape(-1, 1)), scale.float().reshape(-1)
+        scale, inv = scales_from_amax(amax)
+    else:
+        scale = scale.float().reshape(-1)
+        inv = 1.0 / scale
+    return to_e4m3(x, inv.reshape(-1, 1)), scale.reshape(-1)
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
