@@ -43,6 +43,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' -> torch.device, or one clear error (unknown name, no CUDA, no such GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HardwareError(f"device {device!r} asked, but this torch sees no CUDA GPU (torch "
+                                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu or "
+                                f"install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HardwareError(f"device {device!r} asked, but there are {torch.cuda.device_count()} CUDA GPUs")
+    return dev
+
+
 @dataclass
 class Timings:
     encode_s: float = 0.0
@@ -63,8 +79,11 @@ def _stage(name: str, device: torch.device, hint: str):
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        free = torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else float("nan")
-        raise HardwareError(f"out of GPU memory while running the {name} ({free:.1f} GiB free now): {hint}") from None
+        free = ""
+        if device.type == "cuda":
+            with contextlib.suppress(RuntimeError):
+                free = f" ({torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB free now)"
+        raise HardwareError(f"out of GPU memory while running the {name}{free}: {hint}") from None
 
 
 class Pipeline:
@@ -83,6 +102,10 @@ class Pipeline:
         # need the model to stay put, so low_vram (which moves it) runs the fused forward without graphs.
         if fast is None:
             fast = device.type == "cuda"
+        if device.type == "cuda":  # W8A8 layers on a GPU without FP8 tensor cores become weight-only, with one message
+            from .fp8 import weight_only_fallback
+
+            weight_only_fallback(mmdit, device)
         self.denoiser = mmdit
         if fast:
             from .fast import accelerate
@@ -120,12 +143,16 @@ class Pipeline:
 
     # -- argument checks ---------------------------------------------------------------------------------------------
     def check_args(self, height: int, width: int, steps: int, guidance: float, batch_size: int,
-                   strength: float | None) -> None:
+                   strength: float | None, seed: int = 0) -> None:
         side = self.mmdit.cfg.max_image_side
         mult = 8 * self.mmdit.cfg.patch_size
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v < mult or v % mult:
-                raise InputError(f"{name} {v} must be a positive multiple of {mult} px")
+                near = ""
+                if isinstance(v, (int, float)) and v > mult:
+                    lo = int(v // mult * mult)
+                    near = f" (nearest: {lo} or {lo + mult})"
+                raise InputError(f"{name} {v} must be a positive multiple of {mult} px{near}")
             if v > side:
                 raise InputError(f"{name} {v} px is beyond what this model's positional table covers; the largest "
                                  f"allowed is {side} px")
@@ -137,6 +164,10 @@ class Pipeline:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if strength is not None and (not isinstance(strength, (int, float)) or not 0 <= strength <= 1):
             raise InputError(f"strength must be in [0, 1], got {strength!r}")
+        # torch generators take seeds in [-2**63, 2**64 - 1]; image k of a batch uses seed + k
+        if not isinstance(seed, int) or not -2**63 <= seed <= 2**64 - 1 - (batch_size - 1):
+            raise InputError(f"seed must be an integer in [-2**63, 2**64 - {batch_size}] (image k of a batch uses "
+                             f"seed + k), got {seed!r}")
 
     # -- the run -----------------------------------------------------------------------------------------------------
     def steps(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, height: int | None = None,
@@ -154,8 +185,14 @@ class Pipeline:
             width, height = size
         height = d.height if height is None else height
         width = d.width if width is None else width
-        self.check_args(height, width, steps, guidance, batch_size, strength if image is not None else None)
+        self.check_args(height, width, steps, guidance, batch_size, strength if image is not None else None, seed)
+        for name, p in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(p, str) and not (isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p)):
+                raise InputError(f"{name} must be a string or a list of strings ('' is the unconditional prompt), "
+                                 f"got {type(p).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InputError("prompt is an empty list; give at least one prompt ('' is the unconditional prompt)")
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negs) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(negs)} negative prompts")
@@ -175,6 +212,9 @@ class Pipeline:
         t0 = time.perf_counter()
         with _stage("text encoders", self.device, "try --low-vram, --no-t5, or the t5-w8 policy for T5 (--fp8-text)"):
             ctx, pooled = self.encode_prompts(negs + prompts if cfg_on else prompts)
+        if check_numerics and not (bool(torch.isfinite(ctx).all()) and bool(torch.isfinite(pooled).all())):
+            raise NumericsError(f"the text encoders produced NaN/Inf embeddings ({self.dtype}): stopped before "
+                                f"denoising. T5 and CLIP overflow in float16; load with dtype bfloat16 or float32")
         neg_ctx, neg_pooled = (ctx[:B], pooled[:B]) if cfg_on else (None, None)
         ctx, pooled = (ctx[B:], pooled[B:]) if cfg_on else (ctx, pooled)
         t.encode_s = time.perf_counter() - t0
@@ -213,13 +253,25 @@ class Pipeline:
                     if check_numerics and not bool(torch.isfinite(step.latents).all()):
                         raise NumericsError(
                             f"NaN/Inf in the latents at step {step.i + 1} of {n} (sigma {step.sigma:.4f}) with "
-                            f"precision policy {self.policy!r}: stopped instead of saving a black image. Try a safer "
-                            f"policy (--fp8 weight-only, or no --fp8) or dtype float32/bfloat16 instead of float16")
+                            f"precision policy {self.policy!r} in {self.dtype}: stopped instead of saving a black "
+                            f"image. {self._safer()}")
                     yield step
         finally:
             if self.low_vram:
                 self.mmdit.to("cpu")
             t.denoise_s = time.perf_counter() - t0
+
+    def _safer(self) -> str:
+        """What to try after NaN/Inf: a safer precision than the one that failed."""
+        tips = []
+        if self.policy not in ("bf16", "weight-only"):
+            tips.append("a safer FP8 policy (--fp8 weight-only) or none (bf16); `python -m minisd35 audit` shows "
+                        "which layers go wrong")
+        if self.dtype == torch.float16:
+            tips.append("dtype bfloat16 or float32 instead of float16 (float16 overflows above 65504)")
+        if not tips:
+            tips.append("dtype float32; if it persists the weights are damaged")
+        return "Try " + "; or ".join(tips)
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> list[Image.Image]:
         from .vae import to_pil
@@ -230,6 +282,11 @@ class Pipeline:
             images = vae.decode(latents.to(self.device, vae.dtype), tile=tile)
             if self.low_vram:
                 vae.to("cpu")
+        if not bool(torch.isfinite(images).all()):
+            raise NumericsError(f"the VAE decoder produced NaN/Inf pixels in {vae.dtype} (that would be a black "
+                                f"image): nothing saved. Decode in bfloat16 or float32 (float16 VAEs overflow)"
+                                if bool(torch.isfinite(latents).all()) else
+                                "the latents to decode hold NaN/Inf: nothing saved. " + self._safer())
         self.timings.decode_s = time.perf_counter() - t0
         if self.device.type == "cuda":
             self.timings.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -300,17 +357,22 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
     memory. `fp8_text` quantises T5 ('t5-w8'). `preset` forces the sampler defaults of a variant and checks the
     MMDiT against it; otherwise the variant is detected from the weights (and 'turbo' in the path picks Large Turbo).
     `fast` (default: on CUDA) runs the fused forward of fast.py, captured as CUDA graphs."""
+    from .fp8 import get_policy
     from .text import load_text_encoders
     from .vae import load_vae
     from .weights import load_mmdit
 
     path = Path(path)
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device) if device is not None else default_device()
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder")
+    for p in (fp8, fp8_text):  # an unknown policy name fails now, not after minutes of loading
+        if isinstance(p, str):
+            get_policy(p)
     where = _resolve(path)
     load_dev = torch.device("cpu") if low_vram else device
-    mmdit = load_mmdit(where["mmdit"], dtype=dtype, device=load_dev, preset=preset, fp8=fp8, fp8_impl=fp8_impl)
+    with _stage("MMDiT loader", load_dev, "try --low-vram (the MMDiT waits on the CPU) or an FP8 policy (--fp8)"):
+        mmdit = load_mmdit(where["mmdit"], dtype=dtype, device=load_dev, preset=preset, fp8=fp8, fp8_impl=fp8_impl)
     name = preset or detect_variant(mmdit.cfg)
     if name == "sd3.5-large" and "turbo" in str(path).lower():
         name = "sd3.5-large-turbo"
@@ -330,7 +392,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
             from .fp8 import quantize
 
             if te.has_t5:
-                quantize(te.t5, fp8_text)
+                quantize(te.model("t5"), fp8_text)
         return te
 
     def vae_loader():
