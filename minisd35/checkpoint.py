@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, list_keys
+from .errors import CheckpointError, InputError, OutputExistsError, list_keys
 
 # safetensors dtype names -> torch dtypes (float8 exists from torch 2.1).
 DTYPES: dict[str, torch.dtype] = {
@@ -43,23 +43,31 @@ class SafeFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path}: is a folder, not a .safetensors file (a diffusers folder is read with "
+                                  f"open_folder; pass the model root to load_mmdit / load_pipeline)")
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{self.path}: {size} bytes is too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                hint = " (a PyTorch .ckpt/.pt pickle? convert it to safetensors first)" if head[:2] == b"PK" else ""
-                raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length {n} runs "
-                                      f"past the end of the {size}-byte file{hint}")
-            raw = f.read(n)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:  # read-only, always
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: {size} bytes is too short to be a safetensors file")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    hint = " (a PyTorch .ckpt/.pt pickle? convert it to safetensors first)" if head[:2] == b"PK" else ""
+                    raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length {n} "
+                                          f"runs past the end of the {size}-byte file{hint}")
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read the file ({e.strerror or e})") from None
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: corrupted safetensors header (not valid JSON: {e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            what = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise CheckpointError(f"{self.path}: corrupted safetensors header (not valid JSON: {what}); the file is "
+                                  f"damaged or not a safetensors file") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupted safetensors header (JSON is not an object)")
         meta = header.pop("__metadata__", None) or {}
@@ -68,6 +76,7 @@ class SafeFile:
         data_len = size - 8 - n
         for name, info in header.items():
             self._check_entry(name, info, data_len)
+        self._check_layout(header, data_len)
         self.header: dict[str, dict] = header
         self.metadata: dict[str, str] = meta
         self._handle = None
@@ -89,6 +98,23 @@ class SafeFile:
         if offs[1] > data_len:
             raise CheckpointError(f"{where}: data runs past the end of the file ({offs[1]} > {data_len} data bytes): "
                                   f"the file is truncated; download it again")
+
+    def _check_layout(self, header: dict, data_len: int) -> None:
+        """The safetensors format stores the tensors back to back in header order of their offsets: no gap, no
+        overlap, nothing after the last one. The library refuses anything else when it opens the file; checking it
+        here says which tensors are at fault, before anything is read."""
+        end, prev = 0, None
+        for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+            start, stop = info["data_offsets"]
+            if start != end:
+                what = "overlaps" if start < end else f"leaves a gap of {start - end} bytes after"
+                after = f"tensor {prev!r}" if prev is not None else "the start of the data"
+                raise CheckpointError(f"{self.path}: corrupted header: tensor {name!r} (bytes {start}..{stop}) {what} "
+                                      f"{after}; the file is damaged")
+            end, prev = stop, name
+        if end != data_len:
+            raise CheckpointError(f"{self.path}: {data_len - end} bytes after the last tensor that no header entry "
+                                  f"describes; the file is damaged (or two files were concatenated)")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -198,8 +224,10 @@ def open_folder(folder: str | os.PathLike, stem: str) -> Checkpoint:
     raise CheckpointError(f"{folder}: expected {single.name} or {index.name}; found {list_keys(found) or 'nothing'}")
 
 
-def check_finite(name: str, key: str, t: torch.Tensor) -> None:
-    """Weights with NaN/Inf give black images many steps later; report the tensor at load time instead."""
+def check_finite(name: str, key: str, t: torch.Tensor, original: torch.Tensor | None = None) -> None:
+    """Weights with NaN/Inf give black images many steps later; report the tensor at load time instead. `t` is the
+    tensor after its cast to the compute dtype; `original`, the tensor as read from the file, tells a damaged file
+    (bad values in the file) from an overflowing cast (finite in the file, too large for the dtype asked: float16)."""
     if t.dtype in FP8_DTYPES:
         if t.dtype == torch.float8_e4m3fn:
             bad = int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())  # E4M3FN has no Inf; S.1111.111 is NaN
@@ -209,32 +237,54 @@ def check_finite(name: str, key: str, t: torch.Tensor) -> None:
             raise CheckpointError(f"{name}: tensor {key!r} has {bad} NaN codes in its {t.dtype} data; the file is "
                                   f"damaged or was quantized without clamping (re-quantize it, clamping to +-448)")
     elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        n = int((~torch.isfinite(t)).sum())
-        raise CheckpointError(f"{name}: tensor {key!r} {tuple(t.shape)} holds {n} NaN/Inf values; the weights are "
-                              f"damaged (or overflowed when cast to {t.dtype}: try dtype=torch.bfloat16)")
+        finite = ~torch.isfinite(t)
+        n, first = int(finite.sum()), [int(i) for i in finite.nonzero()[0]]
+        where = f"{name}: tensor {key!r} {list(t.shape)}"
+        if original is not None and original.dtype != t.dtype and original.is_floating_point() \
+                and original.dtype not in FP8_DTYPES and bool(torch.isfinite(original).all()):
+            raise CheckpointError(f"{where}: {n} values (first at index {first}) overflow {t.dtype} (largest "
+                                  f"{torch.finfo(t.dtype).max:g}) when cast from the file's {original.dtype}; load in "
+                                  f"torch.bfloat16 or torch.float32 instead")
+        raise CheckpointError(f"{where} holds {n} NaN/Inf values (first at index {first}) in the file; the weights "
+                              f"are damaged: download or convert them again")
 
 
 def atomic_path(dest: str | os.PathLike, force: bool = False) -> Path:
     dest = Path(dest)
+    if dest.is_dir():
+        raise InputError(f"{dest} is a folder; give a file name to write")
     if dest.exists() and not force:
-        raise FileExistsError(f"{dest} exists; pass force=True (--force) to overwrite it")
+        raise OutputExistsError(f"{dest} exists; pass force=True (--force) to overwrite it, or choose another name")
     dest.parent.mkdir(parents=True, exist_ok=True)
     return dest
 
 
 def write_atomic(dest: str | os.PathLike, write, force: bool = False, suffix: str = ".tmp") -> Path:
-    """Call write(tmp_path) on a temporary file in dest's folder, then rename it into place. A failure midway
-    (exception, Ctrl-C) leaves no partial file at dest and removes the temporary one."""
+    """Call write(tmp_path) on a temporary file in dest's folder, flush it to disk, then rename it into place. A
+    failure midway (exception, Ctrl-C) leaves no partial file at dest and removes the temporary one. Without force
+    the final step is a hard link, which fails if dest appeared meanwhile: even a race never overwrites a file."""
     dest = atomic_path(dest, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
+        with open(tmp, "rb") as f:  # the data is on disk before the name points at it (no empty file after a crash)
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise OutputExistsError(f"{dest} was created by someone else while it was being written; nothing "
+                                        f"was overwritten (pass --force to overwrite)") from None
+            except OSError:  # a filesystem without hard links: rename, after one last look
+                if dest.exists():
+                    raise OutputExistsError(f"{dest} exists; pass --force to overwrite it") from None
+                os.replace(tmp, dest)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return dest
 
 

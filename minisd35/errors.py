@@ -5,6 +5,7 @@ fix it; the command line prints that one message and exits non-zero (a traceback
     +-- CheckpointError   a file or folder that cannot be loaded as asked (format, header, keys, shapes, values)
     +-- ConfigError       a model configuration that is inconsistent, or does not match the checkpoint
     +-- InputError        a bad argument: size, steps, guidance, strength, prompt file, policy or recipe name
+    |   +-- OutputExistsError   the output file exists and force (--force) was not given; also a FileExistsError
     +-- HardwareError     the device cannot do what was asked (out of memory, no CUDA, ...)
     +-- NumericsError     NaN or Inf appeared while running (stops the run instead of saving a black image)
 """
@@ -24,6 +25,10 @@ class ConfigError(MiniSD35Error, ValueError):
 
 class InputError(MiniSD35Error, ValueError):
     pass
+
+
+class OutputExistsError(InputError, FileExistsError):
+    """Nothing is ever overwritten without force=True / --force. Also a FileExistsError, for callers that catch that."""
 
 
 class HardwareError(MiniSD35Error, RuntimeError):

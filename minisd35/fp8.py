@@ -37,7 +37,8 @@ MINISD35_FP8_IMPL environment variable, or set_impl()):
     torch   torch._scaled_mm (cuBLASLt / CUTLASS) for W8A8; dequantise + F.linear for w8-only
     triton  the kernels in kernels/ (fused quantisation, FP8 GEMM with scaling/bias in the epilogue, fused-dequant
             weight-only GEMM)
-Without CUDA or without triton: ref. W8A8 asked on a GPU without FP8 tensor cores runs as w8-only (one message).
+Without CUDA: ref. On CUDA without triton: torch (one message). W8A8 asked on a GPU without FP8 tensor cores runs
+as w8-only (one message; the Pipeline converts such layers when it is built, see weight_only_fallback).
 """
 
 from __future__ import annotations
@@ -139,6 +140,31 @@ def fp8_compute_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def fallback_recipe(recipe: str, device: torch.device) -> str:
+    """The recipe a layer can run on `device`: W8A8 needs FP8 tensor cores (compute capability >= 8.9); on an
+    older CUDA GPU (RTX 30xx, A100, ...) it runs weight-only instead, which still halves the weight memory. Says so
+    once per process."""
+    if recipe in ("w8a8-row", "w8a8-tensor") and device.type == "cuda" and not fp8_compute_capable(device):
+        warn_once("w8a8-fallback", f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute "
+                                   f"capability < 8.9): W8A8 layers run weight-only (FP8 storage, 16-bit compute); "
+                                   f"--fp8 weight-only says the same without this message")
+        return "w8-only"
+    return recipe
+
+
+def weight_only_fallback(model: nn.Module, device: torch.device) -> int:
+    """Make every W8A8 FP8Linear of `model` weight-only when `device` cannot run FP8 x FP8 GEMMs (fallback_recipe),
+    before the model runs there, so that every forward (the plain one and fast.py's fused one) takes the weight-only
+    path. Returns the number of layers changed."""
+    n = 0
+    for m in fp8_layers(model).values():
+        recipe = fallback_recipe(m.recipe, device)
+        if recipe != m.recipe:
+            m.recipe = recipe
+            n += 1
+    return n
+
+
 def resolve_impl(device: torch.device, requested: str | None = None) -> str:
     impl = requested or _override or os.environ.get("MINISD35_FP8_IMPL") or None
     if impl is not None and impl not in IMPLS:
@@ -216,13 +242,7 @@ class FP8Linear(nn.Module):
         if self.calib_amax is not None:
             self.calib_amax = torch.maximum(self.calib_amax, x2.detach().abs().amax().float())
         impl = resolve_impl(x.device, self.impl)
-        recipe = self.recipe
-        if recipe != "w8-only" and x.is_cuda and not fp8_compute_capable(x.device):
-            warn_once("w8a8-fallback", f"{torch.cuda.get_device_name(x.device)} has no FP8 tensor cores (compute "
-                                       f"capability < 8.9): W8A8 layers run weight-only (FP8 storage, "
-                                       f"{x.dtype} compute)")
-            recipe = "w8-only"
-        y = LINEAR[impl](self, x2, recipe)
+        y = LINEAR[impl](self, x2, fallback_recipe(self.recipe, x.device))
         return y.reshape(*shape[:-1], self.out_features)
 
 
@@ -533,12 +553,20 @@ def prepare_fp8_load(model: nn.Module, plan: dict, side: dict, layers: list[str]
                                   f"model (only nn.Linear weights can be FP8 here)")
         entry = side.get(layer, {})
         if "comfy_quant" in entry:
-            fmt = json.loads(bytes(entry["comfy_quant"].make().tolist()).decode()).get("format", "float8_e4m3fn")
+            try:
+                fmt = json.loads(bytes(entry["comfy_quant"].make().tolist()).decode()).get("format", "float8_e4m3fn")
+            except (ValueError, TypeError, AttributeError, OverflowError) as e:
+                raise CheckpointError(f"{source}: {layer}.comfy_quant is not a JSON object in bytes ({e})") from None
             if fmt != "float8_e4m3fn":
                 raise CheckpointError(f"{source}: layer {layer!r} uses quantisation format {fmt!r}; minisd35 reads "
                                       f"float8_e4m3fn only")
         if plan[wkey].dtype != E4M3:
-            raise CheckpointError(f"{source}: {wkey} is {plan[wkey].dtype}; minisd35 keeps float8_e4m3fn weights only")
+            scales = list(entry)
+            why = (f"it has FP8 scales ({', '.join(scales)}) but is stored as {plan[wkey].dtype}: a scale belongs to "
+                   f"a float8_e4m3fn weight (the file was converted incompletely)" if plan[wkey].dtype not in
+                   (torch.float8_e5m2,) and scales else f"it is {plan[wkey].dtype}; minisd35 reads FP8 weights in "
+                   f"float8_e4m3fn only (convert e5m2 files to e4m3 or to bf16)")
+            raise CheckpointError(f"{source}: {wkey}: {why}")
         recipe = recipes.get(layer) or pol.recipe_for(layer)[0]
         if recipe == "bf16":
             recipe = "w8-only"

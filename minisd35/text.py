@@ -319,7 +319,7 @@ def load_encoder(enc: EncoderFile, dtype: torch.dtype = torch.bfloat16, device: 
     for key, s in plan.items():
         # fp16 T5: the FF output projection stays fp32, see t5.py
         target = torch.float32 if dtype == torch.float16 and key.endswith("DenseReluDense.wo.weight") else dtype
-        t = enc.ck.get(s.source).to(device)
+        t = src = enc.ck.get(s.source).to(device)
         where = f"{enc.name}: {s.source}"
         if t.dtype in FP8_DTYPES:
             scale = enc.ck.get(s.weight_scale).to(device) if s.weight_scale else None
@@ -331,7 +331,7 @@ def load_encoder(enc: EncoderFile, dtype: torch.dtype = torch.bfloat16, device: 
                 t = torch.nan_to_num(t, nan=0.0)
         elif t.is_floating_point():
             t = t.to(target)
-        check_finite(enc.name, s.source, t)
+        check_finite(enc.name, s.source, t, src)
         state[key] = t
     model = enc.build()
     model.load_state_dict(state, strict=True, assign=True)

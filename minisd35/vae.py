@@ -523,11 +523,11 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     _check_keys(ck, names, shapes, want)
     sd = {}
     for d, k in names.items():
-        t = ck.get(k)
+        t = src = ck.get(k)
         if _is_attn_proj(d):
             t = t.reshape(t.shape[0], t.shape[1])
         t = t.to(device=device, dtype=dtype)
-        check_finite(ck.name, ck.prefix + k, t)
+        check_finite(ck.name, ck.prefix + k, t, src)
         sd[d] = t
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

@@ -40,7 +40,7 @@ from .checkpoint import (
     open_folder,
 )
 from .config import MMDiTConfig, check_against_preset, mmdit_config_from_shapes
-from .errors import CheckpointError, list_keys
+from .errors import CheckpointError, ConfigError, OutputExistsError, list_keys
 from .mmdit import MMDiT
 
 
@@ -290,11 +290,15 @@ def split_fp8(plan: dict[str, Planned]) -> tuple[dict[str, Planned], dict[str, d
 
 
 def check_plan(plan: dict[str, Planned], model: torch.nn.Module, source: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     missing = [k for k in expected if k not in plan]
     unexpected = [f"{plan[k].source}" for k in plan if k not in expected]
     wrong = [f"{plan[k].source}: file {list(plan[k].shape)} vs model {list(expected[k])}"
              for k in plan if k in expected and tuple(plan[k].shape) != expected[k]]
+    # integer or bool data where the model holds floats (weights, biases, scales) cannot be cast meaningfully
+    wrong += [f"{plan[k].source}: file {str(plan[k].dtype).removeprefix('torch.')} vs model floating point"
+              for k in plan if k in state and state[k].is_floating_point() and not plan[k].dtype.is_floating_point]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {list_keys(missing)}")
@@ -314,15 +318,41 @@ def materialize(plan: dict[str, Planned], dtype: torch.dtype, device, source: st
     overflow caused by the cast itself is caught too."""
     out = {}
     for k, p in plan.items():
-        t = p.make()
+        t = src = p.make()
         if t.is_floating_point() and k not in keep:
             t = t.to(device=device, dtype=dtype)  # an FP8 tensor outside an FP8 layer is upcast with scale 1
         else:
             t = t.to(device=device)
         if finite:
-            check_finite(source, p.source, t)
+            check_finite(source, p.source, t, src)
         out[k] = t
     return out
+
+
+def _check_depth(cfg: MMDiTConfig, plan: dict[str, Planned], source: str) -> None:
+    """The config's depth against the blocks the file holds, before the model is built: a damaged config or key
+    (joint_blocks.99999...) gives one clear message instead of building a huge model only to list its keys."""
+    blocks = {int(m.group(1)) for k in plan if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
+    if blocks != set(range(cfg.depth)):
+        extra = sorted(blocks - set(range(cfg.depth)))[:3]
+        absent = sorted(set(range(cfg.depth)) - blocks)[:3]
+        raise CheckpointError(f"{source}: the configuration says {cfg.depth} joint blocks but the file holds "
+                              f"{len(blocks)}" + (f" (blocks {absent}... missing)" if absent else "")
+                              + (f" (unexpected blocks {extra}...)" if extra else "")
+                              + "; the file is incomplete, damaged or does not belong to this config")
+
+
+def _config_from_file(ck: Checkpoint, plan: dict[str, Planned]) -> MMDiTConfig:
+    """The config a file carries (minisd35 metadata) or implies (tensor shapes). Anything wrong with it is wrong
+    with the file, so it is a CheckpointError."""
+    try:
+        if CONFIG_META in ck.metadata:
+            return MMDiTConfig.from_diffusers(json.loads(ck.metadata[CONFIG_META]), f"{ck.name} metadata")
+        return mmdit_config_from_shapes({k: p.shape for k, p in plan.items()}, ck.name)
+    except (ValueError, TypeError, IndexError, AttributeError, RecursionError) as e:  # ConfigError is a ValueError
+        msg = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{ck.name}: cannot tell the MMDiT architecture from the file ({msg}); the file is "
+                              f"damaged, or pass config=/preset=") from None
 
 
 def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
@@ -338,12 +368,11 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     plan, fp8_side = split_fp8(plan)
     if config is not None:
         cfg = config.validate()
-    elif cfg is None and CONFIG_META in ck.metadata:
-        cfg = MMDiTConfig.from_diffusers(json.loads(ck.metadata[CONFIG_META]), f"{ck.name} metadata")
     elif cfg is None:
-        cfg = mmdit_config_from_shapes({k: p.shape for k, p in plan.items()}, ck.name)
+        cfg = _config_from_file(ck, plan)
     if preset is not None:
         check_against_preset(cfg, preset, ck.name)
+    _check_depth(cfg, plan, ck.name)
     with torch.device("meta"):
         model = MMDiT(cfg)
     fp8_weights = {k.rsplit(".", 1)[0] for k, p in plan.items() if p.dtype in FP8_DTYPES and k.endswith(".weight")}
@@ -382,29 +411,36 @@ def save_mmdit(state: dict[str, torch.Tensor], cfg: MMDiTConfig, dest: str | Pat
                force: bool = False) -> Path:
     """Write a Stability-named MMDiT state dict as a Stability single file (`dest` = file) or as a diffusers
     transformer/ folder (`dest` = folder; config.json + shards + index when shards > 1). Atomic per file."""
-    from .checkpoint import save_safetensors
+    from .checkpoint import save_safetensors, write_atomic
 
     dest = Path(dest)
     if layout == "stability":
         meta = {CONFIG_META: json.dumps(cfg.to_diffusers()), **(metadata or {})}
         return save_safetensors({prefix + k: v for k, v in state.items()}, dest, meta, force=force)
     sd = to_diffusers(state, cfg.depth)
+    names = (["diffusion_pytorch_model.safetensors"] if shards == 1 else
+             [f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+             + ["diffusion_pytorch_model.safetensors.index.json"])
+    existing = [n for n in names + ["config.json"] if (dest / n).exists()]
+    if existing and not force:  # refuse before writing anything, so that no folder is left half old, half new
+        raise OutputExistsError(f"{dest} already holds {list_keys(existing, 3)}; pass force=True to overwrite")
     dest.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "SD3Transformer2DModel", **cfg.to_diffusers()}
-    (dest / "config.json").write_text(json.dumps(config, indent=2))
+
+    def write_json(name: str, obj: dict) -> None:
+        write_atomic(dest / name, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)), force=force)
+
     if shards == 1:
-        save_safetensors(sd, dest / "diffusion_pytorch_model.safetensors", metadata, force=force)
-        return dest
-    keys = sorted(sd)
-    chunks = [keys[i::shards] for i in range(shards)]
-    weight_map = {}
-    for i, chunk in enumerate(chunks):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_safetensors({k: sd[k] for k in chunk}, dest / name, metadata, force=force)
-        weight_map.update({k: name for k in chunk})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dest / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        save_safetensors(sd, dest / names[0], metadata, force=force)
+    else:
+        keys = sorted(sd)
+        weight_map = {}
+        for i, name in enumerate(names[:-1]):
+            chunk = keys[i::shards]
+            save_safetensors({k: sd[k] for k in chunk}, dest / name, metadata, force=force)
+            weight_map.update({k: name for k in chunk})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        write_json(names[-1], {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json("config.json", {"_class_name": "SD3Transformer2DModel", **cfg.to_diffusers()})  # last: the folder
     return dest
 
 
