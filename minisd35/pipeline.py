@@ -86,6 +86,38 @@ def _stage(name: str, device: torch.device, hint: str):
         raise HardwareError(f"out of GPU memory while running the {name}{free}: {hint}") from None
 
 
+def check_args(height: int | None, width: int | None, steps: int | None, guidance: float | None, batch_size: int,
+               strength: float | None, seed: int = 0, mult: int = 16, side: int | None = None) -> None:
+    """One InputError for the first bad generation argument; None means "the model's default" and is not checked.
+    mult is the size step (VAE factor 8 x patch 2 = 16 px for every SD3 model); side the largest size the model's
+    positional table covers (None: not known yet, e.g. before the model is loaded)."""
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        if not isinstance(v, int) or v < mult or v % mult:
+            near = ""
+            if isinstance(v, int) and v > mult:
+                lo = int(v // mult * mult)
+                near = f" (nearest: {lo} or {lo + mult})"
+            raise InputError(f"{name} {v!r} must be a positive integer multiple of {mult} px{near}")
+        if side is not None and v > side:
+            raise InputError(f"{name} {v} px is beyond what this model's positional table covers; the largest "
+                             f"allowed is {side} px")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or not math.isfinite(guidance)
+                                 or guidance < 0):
+        raise InputError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if strength is not None and (not isinstance(strength, (int, float)) or not 0 <= strength <= 1):
+        raise InputError(f"strength must be in [0, 1], got {strength!r}")
+    # torch generators take seeds in [-2**63, 2**64 - 1]; image k of a batch uses seed + k
+    if not isinstance(seed, int) or not -2**63 <= seed <= 2**64 - 1 - (batch_size - 1):
+        raise InputError(f"seed must be an integer in [-2**63, 2**64 - {batch_size}] (image k of a batch uses "
+                         f"seed + k), got {seed!r}")
+
+
 class Pipeline:
     def __init__(self, mmdit: MMDiT, text_loader, vae_loader, *, preset: Preset, device: torch.device,
                  dtype: torch.dtype, low_vram: bool = False, text_encoders: str = "offload", policy: str = "bf16",
@@ -144,30 +176,8 @@ class Pipeline:
     # -- argument checks ---------------------------------------------------------------------------------------------
     def check_args(self, height: int, width: int, steps: int, guidance: float, batch_size: int,
                    strength: float | None, seed: int = 0) -> None:
-        side = self.mmdit.cfg.max_image_side
-        mult = 8 * self.mmdit.cfg.patch_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v < mult or v % mult:
-                near = ""
-                if isinstance(v, (int, float)) and v > mult:
-                    lo = int(v // mult * mult)
-                    near = f" (nearest: {lo} or {lo + mult})"
-                raise InputError(f"{name} {v} must be a positive multiple of {mult} px{near}")
-            if v > side:
-                raise InputError(f"{name} {v} px is beyond what this model's positional table covers; the largest "
-                                 f"allowed is {side} px")
-        if not isinstance(steps, int) or steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-            raise InputError(f"guidance must be a finite number >= 0, got {guidance!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if strength is not None and (not isinstance(strength, (int, float)) or not 0 <= strength <= 1):
-            raise InputError(f"strength must be in [0, 1], got {strength!r}")
-        # torch generators take seeds in [-2**63, 2**64 - 1]; image k of a batch uses seed + k
-        if not isinstance(seed, int) or not -2**63 <= seed <= 2**64 - 1 - (batch_size - 1):
-            raise InputError(f"seed must be an integer in [-2**63, 2**64 - {batch_size}] (image k of a batch uses "
-                             f"seed + k), got {seed!r}")
+        check_args(height, width, steps, guidance, batch_size, strength, seed, mult=8 * self.mmdit.cfg.patch_size,
+                   side=self.mmdit.cfg.max_image_side)
 
     # -- the run -----------------------------------------------------------------------------------------------------
     def steps(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, height: int | None = None,
