@@ -264,7 +264,10 @@ def write_atomic(dest: str | os.PathLike, write, force: bool = False, suffix: st
     failure midway (exception, Ctrl-C) leaves no partial file at dest and removes the temporary one. Without force
     the final step is a hard link, which fails if dest appeared meanwhile: even a race never overwrites a file."""
     dest = atomic_path(dest, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    except OSError as e:
+        raise InputError(f"cannot write {dest}: {e.strerror} (is the folder writable?)") from None
     os.close(fd)
     try:
         write(tmp)
@@ -282,6 +285,11 @@ def write_atomic(dest: str | os.PathLike, write, force: bool = False, suffix: st
                 if dest.exists():
                     raise OutputExistsError(f"{dest} exists; pass --force to overwrite it") from None
                 os.replace(tmp, dest)
+    except OSError as e:
+        if isinstance(e, OutputExistsError):
+            raise
+        raise InputError(f"cannot write {dest}: {e.strerror or e} (disk full? the temporary file was removed and "
+                         f"nothing was written)") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

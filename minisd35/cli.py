@@ -1,8 +1,9 @@
 """`python -m minisd35 <command>`: generate, inspect, quantize (audit and bench live in their own modules).
 
-Every error minisd35 raises on purpose is printed as one line and exits with status 1 (2 for bad usage); --debug
-shows the traceback instead. Files are written atomically and never overwrite an existing file without --force
-(an image gets a counter instead: out.png, out-1.png, ...).
+Every error minisd35 raises on purpose is printed as one line and exits with status 1 (2 for bad usage, 130 for
+Ctrl-C); --debug (before or after the subcommand) shows the traceback instead. Warnings are one line each,
+"warning: ...". Files are written atomically and never overwrite an existing file without --force (an image gets a
+counter instead: out.png, out-1.png, ...); input checkpoints are only read.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import importlib.util
 import json
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .errors import InputError, MiniSD35Error
+from .errors import HardwareError, InputError, MiniSD35Error
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -81,8 +83,10 @@ def read_prompt_file(path: str) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.t0 = total, stream, time.perf_counter()
+    open_line = False  # a progress bar is drawn and its line not finished: messages start on a new line
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream, self.t0 = total, stream or sys.stderr, time.perf_counter()
 
     def __call__(self, i: int) -> None:
         done = i + 1
@@ -93,17 +97,30 @@ class Progress:
         eta = (self.total - done) / rate if rate else 0.0
         bar = "#" * int(20 * done / self.total)
         self.stream.write(f"\rstep {done}/{self.total} [{bar:<20}] {rate:5.2f} it/s ETA {eta:5.1f}s")
+        Progress.open_line = done != self.total
         if done == self.total:
             self.stream.write("\n")
         self.stream.flush()
 
 
+def new_line() -> None:
+    """End an unfinished progress line so that the next message has a line of its own."""
+    if Progress.open_line:
+        sys.stderr.write("\n")
+        Progress.open_line = False
+
+
 def cmd_generate(args) -> int:
-    from .pipeline import load_pipeline
+    from .pipeline import check_args, load_pipeline
 
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     if prompt is None:
         raise InputError("give a prompt (or --prompt-file FILE); an empty prompt '' is allowed")
+    # what can be checked without the model, before minutes of loading (the size limit needs the model)
+    check_args(args.height, args.width, args.steps, args.guidance, args.batch, args.strength if args.image else None,
+               args.seed)
+    if Path(args.out).is_dir():
+        raise InputError(f"-o {args.out} is a folder; give an image file name, e.g. {Path(args.out) / 'image.png'}")
     image = None
     if args.image:
         from PIL import Image
@@ -239,9 +256,14 @@ def cmd_quantize(args) -> int:
     from .weights import CONFIG_META, load_mmdit
 
     policy = get_policy(args.policy)
-    dest = Path(args.output)
+    dest, src = Path(args.output), Path(args.input)
+    if dest.is_dir():
+        raise InputError(f"{dest} is a folder; give the output .safetensors file name")
     if dest.exists() and not args.force:
         raise InputError(f"{dest} exists; pass --force to overwrite it")
+    if dest.exists() and src.exists() and (dest.samefile(src) or src.resolve() in dest.resolve().parents):
+        raise InputError(f"{dest} is (part of) the input checkpoint {src}; minisd35 never writes over its input, even "
+                         f"with --force: choose another output name")
     t0 = time.perf_counter()
     model = load_mmdit(args.input, dtype=DTYPES[args.dtype], device=args.device or "cpu", fp8=policy)
     meta = {CONFIG_META: json.dumps(model.cfg.to_diffusers())}
@@ -306,19 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     for module in ("audit", "bench"):  # each adds its own subcommand, once it exists
         if importlib.util.find_spec(f"minisd35.{module}") is not None:
             importlib.import_module(f"minisd35.{module}").add_parser(sub)
+    for command in sub.choices.values():  # --debug after the subcommand too; SUPPRESS keeps one given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, "warning: ...", instead of Python's two-line file:line format."""
+    new_line()
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except (MiniSD35Error, FileExistsError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    Progress.open_line = False
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args) or 0
+        except KeyboardInterrupt:
+            new_line()
+            print("interrupted: nothing was left half-written", file=sys.stderr)
+            return 130
+        except (MiniSD35Error, FileExistsError, OSError, torch.cuda.OutOfMemoryError) as e:
+            if args.debug:
+                raise
+            if isinstance(e, torch.cuda.OutOfMemoryError):  # outside the stages that name their component
+                e = HardwareError("out of GPU memory; try --low-vram, an FP8 policy (--fp8 default) or a smaller size")
+            elif isinstance(e, OSError) and not isinstance(e, MiniSD35Error):  # disk full, permission denied, ...
+                e = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+            new_line()
+            print(f"error: {e}", file=sys.stderr)
+            return 1

@@ -111,8 +111,10 @@ class GatedFF(nn.Module):
         h = gelu_new(self.wi_0(x)) * self.wi_1(x)
         if h.dtype == torch.float16:
             h = h.clamp(-FP16_MAX, FP16_MAX)
-        # wo may be kept in fp32 (fp16 runs): compute it in its own dtype.
-        return self.wo(h.to(self.wo.weight.dtype))
+        # wo may be kept in fp32 (fp16 runs): compute it in its own dtype. An FP8 wo (fp8.FP8Linear, policy t5-w8)
+        # takes the activations as they are (casting them to e4m3 unscaled would overflow).
+        dt = self.wo.weight.dtype
+        return self.wo(h if dt.itemsize == 1 else h.to(dt))
 
 
 class FFLayer(nn.Module):

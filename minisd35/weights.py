@@ -246,8 +246,16 @@ def open_mmdit(path: str | Path) -> tuple[Checkpoint, str, MMDiTConfig | None]:
                                   f"config.json and diffusion_pytorch_model*.safetensors, or a .safetensors file")
         try:
             raw = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{cfg_file}: not a diffusers config (JSON is not an object)")
+        cls = raw.get("_class_name") or " ".join(raw.get("architectures") or [])
+        other = next((c for key, c in (("AutoencoderKL", "vae"), ("T5", "t5"), ("CLIP", "clip")) if key in str(cls)),
+                     None)
+        if other:
+            raise CheckpointError(f"{folder}: this folder holds {describe_component(other)} ({cls}), not an MMDiT; "
+                                  f"pass the diffusers model root or its transformer/ folder")
         cfg = MMDiTConfig.from_diffusers(raw, str(cfg_file))
         return open_folder(folder, "diffusion_pytorch_model"), "diffusers", cfg
     ck = open_file(path)
