@@ -77,8 +77,9 @@ def write_clip_files(dest: str | os.PathLike, merges: Sequence[str]) -> None:
     (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), "utf-8")
 
 
-def _warn_truncated(name: str, index: int, kept: int, total: int, dropped_text: str) -> None:
-    warnings.warn(f"{name}: prompt {index} is {total} tokens long; {name} reads at most {kept}, so the last "
+def _warn_truncated(name: str, prompt: str, kept: int, total: int, dropped_text: str) -> None:
+    head = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+    warnings.warn(f"{name}: the prompt {head!r} is {total} tokens long; {name} reads at most {kept}, so the last "
                   f"{total - kept} were dropped: {dropped_text[:200]!r}. Shorten the prompt to keep them.",
                   stacklevel=3)
 
@@ -150,7 +151,7 @@ class CLIPTokenizer:
         for i, enc in enumerate(self._tk.encode_batch(prompts, add_special_tokens=False)):
             ids = enc.ids
             if len(ids) > keep:
-                _warn_truncated(self.name, i, keep, len(ids), self.decode(ids[keep:]))
+                _warn_truncated(self.name, prompts[i], keep, len(ids), self.decode(ids[keep:]))
                 ids = ids[:keep]
             row = [self.bos_id, *ids, self.eos_id]
             out[i, : len(row)] = torch.tensor(row)
@@ -221,7 +222,7 @@ class T5Tokenizer:
         for i, p in enumerate(prompts):
             ids = self._encode(p)
             if len(ids) > length - 1:
-                _warn_truncated(self.name, i, length - 1, len(ids), self.decode(ids[length - 1 :]))
+                _warn_truncated(self.name, p, length - 1, len(ids), self.decode(ids[length - 1 :]))
                 ids = ids[: length - 1]
             row = [*ids, self.eos_id]
             out[i, : len(row)] = torch.tensor(row)
