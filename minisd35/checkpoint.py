@@ -70,7 +70,8 @@ class SafeFile:
                                   f"damaged or not a safetensors file") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupted safetensors header (JSON is not an object)")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise CheckpointError(f"{self.path}: corrupted safetensors header (__metadata__ must map str to str)")
         data_len = size - 8 - n
@@ -86,8 +87,8 @@ class SafeFile:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise CheckpointError(f"{where}: corrupted header entry {str(info)[:80]}")
         dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dt not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dt!r} (minisd35 reads {', '.join(DTYPES)})")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {str(dt)[:40]!r} (minisd35 reads {', '.join(DTYPES)})")
         if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
             raise CheckpointError(f"{where}: corrupted shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)

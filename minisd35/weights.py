@@ -381,8 +381,13 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     if preset is not None:
         check_against_preset(cfg, preset, ck.name)
     _check_depth(cfg, plan, ck.name)
-    with torch.device("meta"):
-        model = MMDiT(cfg)
+    try:
+        with torch.device("meta"):
+            model = MMDiT(cfg)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes no model can have (negative, ...)
+        err = ConfigError if config is not None else CheckpointError
+        raise err(f"{ck.name}: no MMDiT can be built with {cfg} ({e}); the configuration or the file is "
+                  f"damaged") from None
     fp8_weights = {k.rsplit(".", 1)[0] for k, p in plan.items() if p.dtype in FP8_DTYPES and k.endswith(".weight")}
     fp8_layers = sorted(fp8_weights | set(fp8_side))
     keep: frozenset[str] = frozenset()
