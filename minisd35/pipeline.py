@@ -15,8 +15,15 @@ decode would not fit in the free memory.
 
 Reproducibility. Noise is drawn on the CPU, one generator per image with seeds seed, seed+1, ..., in the model
 dtype, exactly as diffusers draws it with generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]; so
-the same seed gives the same image as diffusers, on any device, and image k of a batch is the image a single run
-with seed+k gives.
+the same seed gives the same image as diffusers, on any device, and image k of a batch starts from the noise of a
+single run with seed+k. Bit for bit (tests/test_reliability.py, tests/test_gpu.py): the same seed, size, policy,
+device and versions give byte-identical PNGs; on the CPU in bf16 a batch of n equals n single runs. Where that
+cannot hold: (1) GEMMs pick their kernel by the number of rows M (oneDNN on the CPU in fp32, cuBLAS/cuBLASLt and
+torch._scaled_mm on CUDA, split-K for small M), and a batch, or CFG's doubled batch, changes M, hence the summation
+order: batch and single runs can differ in the last bits (on this CPU in fp32, ~4e-6). (2) The Triton kernels
+autotune (kernels/fp8_gemm.py, fp8_dequant_gemm.py, whose M <= 4 GEMV is chosen by timing) on their first call in
+a process; configs with another BLOCK_K / promotion interval or another GEMV round differently, so two processes
+on the same GPU can differ in the last bits. Within one process the choice is cached and runs repeat exactly.
 """
 
 from __future__ import annotations
