@@ -197,9 +197,16 @@ class Pipeline:
         d = self.defaults
         steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else guidance
+        if image is not None and not isinstance(image, (Image.Image, torch.Tensor)):
+            raise InputError(f"image must be a PIL image or a [B, 3, H, W] tensor in [-1, 1], got "
+                             f"{type(image).__name__} (open files with PIL.Image.open)")
         if image is not None and height is None and width is None:
             size = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
             width, height = size
+            m = 8 * self.mmdit.cfg.patch_size
+            if width % m or height % m:
+                raise InputError(f"the image is {width}x{height} px, not multiples of {m}: pass width={width // m * m}"
+                                 f" and height={height // m * m} (-W/-H) to resize it, or crop it")
         height = d.height if height is None else height
         width = d.width if width is None else width
         self.check_args(height, width, steps, guidance, batch_size, strength if image is not None else None, seed)

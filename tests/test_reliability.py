@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from safetensors.torch import save_file
 
 from minisd35 import cli, fp8
@@ -317,6 +318,8 @@ BAD_ARGS = [
     (dict(sampler="ddim"), "sampler 'ddim'"),
     (dict(prompt=None), "prompt must be a string"),
     (dict(prompt=[]), "empty list"),
+    (dict(image="photo.png", height=None, width=None), "image must be a PIL image"),
+    (dict(image=Image.new("RGB", (500, 375)), height=None, width=None), "500x375", "width=496 and height=368"),
 ]
 
 
