@@ -22,12 +22,27 @@ Two ways to decode the bytes (bitcast=):
          not map is NaN (0x7F / 0xFF, which would decode as 480), so it is selected explicitly.
   None (default): True for a uint8 weight or a GPU below sm89, otherwise False. Force True on Hopper to measure it.
 
-Three launch paths. M <= 4 (the adaLN modulation: one row per sample): an FMA GEMV without tensor cores (each
-program streams BLOCK_N weight rows with 16-byte loads and multiplies them by the few x rows in fp32 registers)
-or the MMA kernel's GEMV configs, whichever the first call for the layer shape measures as faster (GPU session 1,
-H200, M = 2: the MMA GEMV alone reached 1.13x bf16 F.linear for SD3.5 Large's adaLN and 0.76x for Medium's, i.e.
-~2 TB/s of weight traffic; the FMA GEMV was written after that, to keep more loads in flight). Above M = 4: the
-MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune set.
+What is fused when, and why (route="auto"; "fused" / "dequant" force one):
+  M <= 4 (the adaLN modulation: one row per sample): an FMA GEMV without tensor cores (each program streams
+    BLOCK_N weight rows with 16-byte loads and multiplies them by the few x rows in fp32 registers) or the MMA
+    kernel's GEMV configs, whichever the first call for the layer shape measures as faster (GPU session 1, H200,
+    M = 2: the MMA GEMV alone reached 1.13x bf16 F.linear for SD3.5 Large's adaLN and 0.76x for Medium's, i.e.
+    ~2 TB/s of weight traffic; the FMA GEMV was written after that, to keep more loads in flight).
+  4 < M < DEQUANT_ROUTE_MIN_M (512): the fused MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune
+    set. Here the product is memory-bound or close to it, and reading 1 byte per weight instead of 2 (and never
+    writing a bf16 copy) is what the fusion buys.
+  M >= DEQUANT_ROUTE_MIN_M: dequantise the whole weight to x's dtype in one memory-bound pass (dequant_weight: a
+    small Triton kernel, read 1 byte + write 2 per weight), then F.linear (cuBLAS). At large M the GEMM is compute-
+    bound and the weight's bytes no longer matter, while this kernel's bf16 MMA main loop (the decode sits between
+    the loads and the MMA, with no warp specialisation to hide it) reached only 0.65x cuBLAS's rate (GPU session 1,
+    H200, M = 8858: 1.55x F.linear's time). The extra pass costs 3*N*K bytes, ~13 us for 2432 x 7296 at ~4 TB/s,
+    against a ~460 us GEMM. Where the threshold sits: with the fused kernel at ~0.65x cuBLAS's rate, the two routes
+    cost the same where the GEMM time saved, 2*M*N*K * (1/(0.65 R) - 1/R) with R ~ 660 TFLOP/s (bf16 dense, H200),
+    equals the pass, 3*N*K / ~3.5 TB/s: M ~ 450-550, for every N and K (both sides scale with N*K). Below that the
+    fused kernel is also still partly memory-bound, which favours it further. bench/kernels_gpu.py times both
+    routes at M = 64 .. 8858 so that the threshold can be checked on the device. The dequant route rounds w * scale
+    to x's dtype before the GEMM (exactly fp8.py's "ref" / "torch" w8-only path), where the fused kernel applies
+    the scale to the fp32 accumulator; both are within a bf16 rounding of the fp32 product.
 
 Tiling: SWAP_AB (a config flag the autotuner chooses) computes the transposed product out^T = W @ x^T, so the
 dequantised weight tile (which lives in registers) is the left operand of the MMA; Hopper's wgmma can read its
@@ -45,11 +60,13 @@ if __name__ == "__main__" and not __package__:  # `python kernels/fp8_dequant_ge
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels._common import (
     FP8,
+    TL_DTYPES,
     capability,
     check_device,
     check_scale,
@@ -58,6 +75,7 @@ from kernels._common import (
     next_pow2,
     on_device,
     pick_configs,
+    round_to,
 )
 from minisd35.errors import HardwareError, InputError
 
@@ -205,6 +223,59 @@ def _dequant_gemv_kernel(
     _epilogue(acc, offs_m, offs_n, rn, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
 
 
+@triton.jit
+def _dequant_weight_kernel(
+    w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_on,
+    W_PER_COL: tl.constexpr, BITCAST: tl.constexpr, ROUND_FIRST: tl.constexpr, OUT_DT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n, k] = (w[n, k] as fp32 * w_scale[n]) rounded once to OUT_DT: what (w.float() * s[:, None]).to(dtype)
+    gives, in one pass (torch needs two and an fp32 intermediate four times the weight's size)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = offs_n[:, None].to(tl.int64)  # a model's fused weights can exceed 2**31 elements
+    wq = tl.load(w_ptr + rows * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    w = e4m3_bits_to_float(wq) if BITCAST else wq.to(tl.float32)
+    if W_PER_COL:
+        w = w * tl.load(s_ptr + offs_n, mask=offs_n < N, other=1.0)[:, None]
+    else:
+        w = w * tl.load(s_ptr)
+    w = round_to(w, OUT_DT, ROUND_FIRST)
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+DEQUANT_W_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # 8 KB of codes per program, 16-byte stores
+CPU_DEQUANT_W_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 1}
+
+
+def dequant_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                   bitcast: bool | None = None) -> torch.Tensor:
+    """w [N, K] e4m3 (or its uint8 view) and w_scale fp32 [N] / [1] -> (w.float() * w_scale[:, None]).to(dtype),
+    one memory-bound pass. bitcast: decode the bytes by bit manipulation (uint8 weights, GPUs below sm89)."""
+    fn = "dequant_weight"
+    check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2, int64=True)
+    N, K = w.shape
+    check_scale(fn, "w_scale", w_scale, N, "output channel")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise InputError(f"{fn}: dtype={dtype} is not supported; use torch.bfloat16, float16 or float32")
+    if bitcast is None:
+        bitcast = w.dtype == torch.uint8 or (w.device.type == "cuda" and capability(w.device) < (8, 9))
+    dev = check_device(fn, w, w_scale, fp8=not bitcast)
+    w = w.view(torch.uint8) if bitcast else w.view(FP8)
+    out = torch.empty((N, K), dtype=dtype, device=dev)
+    if N == 0 or K == 0:
+        return out
+    cfg = dict(CPU_DEQUANT_W_CONFIG if interpreting() or dev.type != "cuda" else DEQUANT_W_CONFIG)
+    warps = cfg.pop("num_warps")
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    with on_device(dev):
+        _dequant_weight_kernel[grid](w, w_scale, out, N, K, w.stride(0), out.stride(0), W_PER_COL=w_scale.numel() > 1,
+                                     BITCAST=bool(bitcast), ROUND_FIRST=interpreting(), OUT_DT=TL_DTYPES[dtype],
+                                     num_warps=warps, **cfg)
+    return out
+
+
 # Three autotuned launchers (all keyed on the layer shape N, K): the FMA GEMV for M <= 4, and the MMA kernel with
 # its GEMV (M <= 16) and GEMM config sets.
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -214,14 +285,22 @@ _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
 _gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
 FMA_MAX_M = 4  # M up to this may use the FMA GEMV
+DEQUANT_ROUTE_MIN_M = 512  # M from this on: dequantise the weight, then cuBLAS (see the module docstring)
+ROUTES = ("auto", "fused", "dequant")
 _GEMV_PATH: dict[tuple, str] = {}  # (N, K, M_PAD, bitcast, dtypes, device) -> "fma" | "mma", measured once
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 bitcast: bool | None = None) -> torch.Tensor:
+                 bitcast: bool | None = None, route: str = "auto") -> torch.Tensor:
     """y [M, N] (x's dtype) = x @ (w.float() * w_scale[:, None]).T + bias, with fp32 accumulation.
-    x [M, K] bf16/fp16, w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring."""
+    x [M, K] bf16/fp16, w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring.
+    route: "auto" (fused kernels below DEQUANT_ROUTE_MIN_M rows, dequant_weight + F.linear from there on), or
+    "fused" / "dequant" to force one."""
+    if route not in ROUTES:
+        raise InputError(f"dequant_gemm: route={route!r} is not one of {ROUTES}")
     M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
+    if route == "dequant" or (route == "auto" and M >= DEQUANT_ROUTE_MIN_M):
+        return _dequant_then_linear(x, w, w_scale, bias, bitcast)
     if M > FMA_MAX_M:
         return _dequant_gemm(x, w, w_scale, bias, bitcast, "mma")
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or interpreting() or not x.is_cuda:
@@ -236,6 +315,17 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
                  for path in ("fma", "mma")}
         _GEMV_PATH[key] = min(times, key=times.get)
     return _dequant_gemm(x, w, w_scale, bias, bitcast, _GEMV_PATH[key])
+
+
+def _dequant_then_linear(x, w, w_scale, bias, bitcast) -> torch.Tensor:
+    """The large-M route: the weight in x's dtype (one pass), then cuBLAS."""
+    check_tensor("dequant_gemm", "x", x, (torch.bfloat16, torch.float16), ndim=2)
+    if w.dim() == 2 and w.shape[1] != x.shape[1]:
+        raise InputError(f"dequant_gemm: x is {list(x.shape)} but w is {list(w.shape)}; w must be [N, {x.shape[1]}]")
+    if bias is not None:
+        check_tensor("dequant_gemm", "bias", bias, (torch.bfloat16, torch.float16, torch.float32), ndim=1)
+    wd = dequant_weight(w, w_scale, x.dtype, bitcast)
+    return F.linear(x, wd, None if bias is None else bias.to(x.dtype))
 
 
 def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
@@ -293,16 +383,14 @@ def dequant_gemm_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 if __name__ == "__main__":
-    import torch.nn.functional as F
-
     from kernels._common import bench_ms, check_line, print_table, rel_rms
     from kernels.fp8_quant import quant_fp8_ref
 
     if not torch.cuda.is_available() and not interpreting():
         sys.exit("needs a CUDA GPU, or TRITON_INTERPRET=1 to run the check on the CPU")
     dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
-    cases = [(2, 2432, 6 * 2432), (2, 1536, 9 * 1536), (8858, 2432, 2432)] if dev == "cuda" else [(2, 72, 40),
-                                                                                                  (67, 100, 56)]
+    cases = [(2, 2432, 6 * 2432), (2, 1536, 9 * 1536), (256, 2432, 7296), (666, 2432, 7296), (8858, 2432, 2432)] \
+        if dev == "cuda" else [(2, 72, 40), (67, 100, 56)]
     torch.manual_seed(0)
     rows = []
     for M, K, N in cases:
@@ -311,16 +399,20 @@ if __name__ == "__main__":
         bias = torch.randn(N, device=dev, dtype=torch.bfloat16)
         ref = dequant_gemm_ref(x, wq, ws, bias)  # 1. check
         for bitcast in (False, True):
-            check_line(f"dequant_gemm M={M} K={K} N={N} bitcast={bitcast}",
-                       rel_rms(dequant_gemm(x, wq, ws, bias, bitcast=bitcast), ref), 1e-2)
+            for route in ("fused", "dequant"):
+                check_line(f"dequant_gemm M={M} K={K} N={N} bitcast={bitcast} route={route}",
+                           rel_rms(dequant_gemm(x, wq, ws, bias, bitcast=bitcast, route=route), ref), 1e-2)
         if dev == "cpu":
             continue
         wb = (wq.float() * ws[:, None]).to(torch.bfloat16)  # 2. time against bf16 F.linear with the same weight
-        for impl, f in [("triton fp8", lambda: dequant_gemm(x, wq, ws, bias)),
+        for impl, f in [("triton fp8 (auto route)", lambda: dequant_gemm(x, wq, ws, bias)),
+                        ("triton fp8, fused route", lambda: dequant_gemm(x, wq, ws, bias, route="fused")),
+                        ("dequant_weight + F.linear", lambda: dequant_gemm(x, wq, ws, bias, route="dequant")),
+                        ("dequant_weight alone", lambda: dequant_weight(wq, ws)),
                         ("triton bitcast", lambda: dequant_gemm(x, wq, ws, bias, bitcast=True)),
                         ("bf16 F.linear", lambda: F.linear(x, wb, bias))]:
             ms = bench_ms(f)[0]
             rows.append({"M": M, "K": K, "N": N, "impl": impl, "ms": ms, "TFLOP/s": 2 * M * N * K / ms * 1e-9,
-                         "weight GB/s": N * K * (2 if "bf16" in impl else 1) / ms * 1e-6})
+                         "weight GB/s": N * K * (2 if "bf16" in impl else 3 if "alone" in impl else 1) / ms * 1e-6})
     if rows:
         print_table(rows, ["M", "K", "N", "impl", "ms", "TFLOP/s", "weight GB/s"])
