@@ -305,9 +305,9 @@ def check_plan(plan: dict[str, Planned], model: torch.nn.Module, source: str) ->
     wrong = [f"{plan[k].source}: file {list(plan[k].shape)} vs model {list(expected[k])}"
              for k in plan if k in expected and tuple(plan[k].shape) != expected[k]]
     # integer or bool data where the model holds floats (weights, biases, scales) cannot be cast meaningfully
-    wrong += [f"{plan[k].source}: file {str(plan[k].dtype).removeprefix('torch.')} vs model floating point"
+    dtypes = [f"{plan[k].source}: file {str(plan[k].dtype).removeprefix('torch.')} vs model floating point"
               for k in plan if k in state and state[k].is_floating_point() and not plan[k].dtype.is_floating_point]
-    problems = []
+    problems = [f"{len(dtypes)} with a non-float dtype: {list_keys(dtypes, 3)}"] if dtypes else []
     if missing:
         problems.append(f"{len(missing)} missing: {list_keys(missing)}")
     if unexpected:
@@ -344,9 +344,9 @@ def _check_depth(cfg: MMDiTConfig, plan: dict[str, Planned], source: str) -> Non
     if blocks != set(range(cfg.depth)):
         extra = sorted(blocks - set(range(cfg.depth)))[:3]
         absent = sorted(set(range(cfg.depth)) - blocks)[:3]
-        raise CheckpointError(f"{source}: the configuration says {cfg.depth} joint blocks but the file holds "
-                              f"{len(blocks)}" + (f" (blocks {absent}... missing)" if absent else "")
-                              + (f" (unexpected blocks {extra}...)" if extra else "")
+        raise CheckpointError(f"{source}: expected joint blocks 0..{cfg.depth - 1} (depth {cfg.depth}) but the file "
+                              f"holds {len(blocks)} blocks" + (f"; missing: {absent}..." if absent else "")
+                              + (f"; unexpected: {extra}..." if extra else "")
                               + "; the file is incomplete, damaged or does not belong to this config")
 
 
