@@ -31,6 +31,20 @@ The accumulator story (why `fast_accum` exists and defaults to False):
   H200, M = 8858, Large shapes: precise 753-829 TFLOP/s, fast 962-1179, torch._scaled_mm row-wise 1040-1142
   (slow accumulation) and 1195-1290 (fast) - the promotion is the gap, cuBLAS overlaps it with the next MMA.
 
+Why the default variant cannot overlap them, and what the other variants try (fp8_gemm(variant=...); all four
+compute the same sums; compile them for sm90 with tests/test_kernels_fused.py and time them with
+bench/kernels_gpu.py). In the default kernel one warpgroup issues the four k32 wgmmas of a K tile into a fresh
+register tile, and its fp32 adds read those registers, so ptxas waits for the MMAs first; the next tile's wgmmas
+overwrite the same registers, so they wait for the adds. MMA and promotion alternate inside every warpgroup, and
+all warpgroups of the program run the same schedule. A skewed loop (issue tile k's MMA, then add tile k-1's
+partial; two partial tiles unrolled by two) was compiled and read in SASS: Triton still puts a full
+wgmma.wait_group 0 after each dot and ptxas only hoists the adds above the first of the four wgmmas, so the overlap
+is a quarter at best; it is not kept. What does overlap them is warp specialisation: variant "ws" loads through TMA
+descriptors and lets Triton 3.6's Hopper pass split the program into a producer warpgroup (TMA only) and two
+consumer warpgroups with their own halves of the tile and their own barriers, so one consumer's adds run during
+the other's MMAs (ping-pong by scheduling rather than by construction). "tma" is the same kernel without the
+specialisation, to separate the two effects; "add" is the promotion by `acc += tl.dot` of the earlier study.
+
 Tiling: BLOCK_M x BLOCK_N output tiles, K walked in BLOCK_K steps, tiles visited in GROUP_M-row groups so that
 neighbouring programs share A rows and W columns in L2 (the Triton matmul tutorial's ordering). Row and column
 indices past the edge are wrapped (% M, % N) instead of masked, so the main loop's loads need no M/N mask; those
@@ -53,14 +67,21 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import FP8, check_device, check_scale, check_tensor, on_device, pick_configs
-from minisd35.errors import InputError
+from kernels._common import FP8, capability, check_device, check_scale, check_tensor, on_device, pick_configs
+from minisd35.errors import HardwareError, InputError
 
 ACTS = ("none", "gelu_tanh")
 # ACC_MODE: FAST never promotes; PRECISE promotes every 128 products inside the dot lowering
 # (max_num_imprecise_acc=128, the default); PRECISE_ADD promotes with `acc += tl.dot(a, b)` per K tile (kept to
 # compare: same error, measured 3-10% slower on an H200)
 FAST, PRECISE_ADD, PRECISE = 0, 1, 2
+# the kernel variants fp8_gemm(variant=...) selects; all compute the same thing with the same accumulation
+VARIANTS = {
+    "default": "pointer loads, software pipelining, promotion inside the dot lowering (max_num_imprecise_acc)",
+    "add": "as default, promotion by `acc += tl.dot(a, b)` per K tile (PRECISE_ADD)",
+    "tma": "TMA descriptor loads, no warp specialisation",
+    "ws": "TMA descriptor loads + warp specialisation: producer warpgroup, two consumer warpgroups (Hopper)",
+}
 
 
 def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group: int = 8) -> triton.Config:
@@ -152,7 +173,18 @@ def _fp8_gemm_kernel(
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    # epilogue, all in fp32: scales, bias, activation, gate, residual; one rounding at the store
+    _gemm_epilogue(acc, offs_m, offs_n, rm, rn, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr,
+                   bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE,
+                   HAS_RES)
+
+
+@triton.jit
+def _gemm_epilogue(acc, offs_m, offs_n, rm, rn, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr,
+                   bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm,
+                   A_PER_ROW: tl.constexpr, W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr):
+    """All in fp32 on the accumulator: scales, bias, activation, gate, residual; one rounding at the store. rm / rn
+    are the wrapped (always valid) row / column indices used for loads; offs_m / offs_n decide what is stored."""
     if A_PER_ROW:
         acc = acc * tl.load(a_scale_ptr + rm)[:, None]
     else:
@@ -171,6 +203,101 @@ def _fp8_gemm_kernel(
         acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :]).to(tl.float32)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The TMA / warp-specialised variant (Hopper): the same product, the same epilogue, the operands fetched by the TMA
+# unit through tensor descriptors. With warp_specialize the compiler (Triton 3.6: tl.range(..., warp_specialize=True)
+# on sm90, which needs descriptor loads and num_warps=4) splits the program into a producer warpgroup that only
+# issues TMA copies (40 registers) and two consumer warpgroups of 232 registers, each owning half of the BLOCK_M
+# rows with its own accumulator and its own barriers. The promotion adds of one consumer then run while the other
+# consumer's MMAs keep the tensor cores busy, which a single warpgroup's code cannot arrange: there, Triton (and
+# ptxas, which must wait before reading an async MMA's registers) orders MMA -> wait -> adds -> next MMA, and the
+# tensor cores idle during the adds. Checked by compiling for sm90 on the CPU (tests/test_kernels_fused.py); the
+# speed is for the GPU run to measure (bench/kernels_gpu.py, gemm section, variants "tma" and "ws").
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_stages=stages,
+                         num_warps=warps, pre_hook=_set_block_shapes)
+
+
+# num_warps=4 is what the compiler's Hopper warp specialisation accepts (it adds the producer and the second
+# consumer itself); BLOCK_M >= 128 so that each consumer's half is a whole 64-row wgmma (64 x 256 does not compile).
+# _prune_tma keeps the configs whose registers fit for precise accumulation.
+WS_CONFIGS = [_tma_cfg(128, 128, 128, 4, 4), _tma_cfg(128, 128, 128, 3, 4), _tma_cfg(256, 128, 128, 3, 4),
+              _tma_cfg(128, 128, 256, 3, 4), _tma_cfg(128, 256, 128, 3, 4)]
+TMA_CONFIGS = [_tma_cfg(128, 128, 128, 4, 8), _tma_cfg(128, 128, 128, 3, 8), _tma_cfg(128, 256, 128, 3, 8),
+               _tma_cfg(256, 128, 128, 3, 8)]
+CPU_TMA_CONFIGS = [_tma_cfg(32, 32, 32, 1, 4, group=2)]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    """Tiles larger than 128 x 128 only where they fit in registers, as ptxas reports for sm90 (tests compile them):
+    not with a fused epilogue (GELU / gate / residual spill there), and with precise accumulation (a promotion tile
+    of BLOCK_N / 2 registers per thread next to the accumulator) only 256 x 128 in the warp-specialised kernel,
+    whose consumer warpgroups get 232 registers."""
+    args = {**named_args, **kwargs}
+    epilogue = args["ACT"] != "none" or args["HAS_GATE"] or args["HAS_RES"]
+
+    def fits(c: triton.Config) -> bool:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm * bn <= 128 * 128:
+            return True
+        return not epilogue and (args["ACC_MODE"] == FAST or (args["WARP_SPEC"] and bn == 128))
+
+    return [c for c in configs if fits(c)] or configs[:1]
+
+
+@triton.jit
+def _fp8_gemm_tma_body(
+    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
+    A_PER_ROW: tl.constexpr, W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, ACC_MODE: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PROMOTE: tl.constexpr,
+):
+    pid = tl.program_id(0)  # grouped tile order, as in _fp8_gemm_kernel
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % group_m)
+    pid_n = (pid % group) // group_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    # the descriptors know the tensors' shapes: rows / columns / K past the edge arrive as zeros, no masks here
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPEC):
+        a = a_desc.load([off_m, k * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+        b = w_desc.load([off_n, k * BLOCK_K])  # [BLOCK_N, BLOCK_K], as stored; .T is free (K-major either way)
+        if ACC_MODE == 0:
+            acc = tl.dot(a, b.T, acc)
+        else:
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    _gemm_epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, M, N, rows_per_batch, out_ptr, stride_om,
+                   a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW, W_PER_COL,
+                   HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+
+
+_TMA_KEY = ["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES", "WARP_SPEC"]
+_tma_body = triton.heuristics({"PROMOTE": lambda args: min(args["BLOCK_K"], 128)})(_fp8_gemm_tma_body)
+_fp8_gemm_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
+                               prune_configs_by={"early_config_prune": _prune_tma})(_tma_body)
+_fp8_gemm_tma = triton.autotune(configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
+                                prune_configs_by={"early_config_prune": _prune_tma})(_tma_body)
 
 
 def _check_epilogue(fn: str, M: int, N: int, bias, out_dtype, act, gate, residual, rows_per_batch) -> int:
@@ -204,15 +331,21 @@ def _check_epilogue(fn: str, M: int, N: int, bias, out_dtype, act, gate, residua
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, act: str = "none",
              gate: torch.Tensor | None = None, residual: torch.Tensor | None = None, rows_per_batch: int = 0,
-             fast_accum: bool = False) -> torch.Tensor:
+             fast_accum: bool = False, variant: str = "default") -> torch.Tensor:
     """out = residual + gate * act(a @ w.T * a_scale[:, None] * w_scale[None, :] + bias), computed in fp32 and
     rounded once to out_dtype. a [M, K] e4m3, w [N, K] e4m3, scales fp32 [M] / [N] or 1-element. rows_per_batch=0
-    infers M // gate.shape[0]. fast_accum=True skips the fp32 promotion of the accumulator (see module docstring)."""
-    return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
-                     FAST if fast_accum else PRECISE)
+    infers M // gate.shape[0]. fast_accum=True skips the fp32 promotion of the accumulator (see module docstring).
+    variant: "default" (pointer loads, promotion inside the dot), "add" (promotion by acc += dot per K tile),
+    "tma" (TMA descriptor loads), "ws" (TMA + warp specialisation, Hopper); see VARIANTS."""
+    if variant not in VARIANTS:
+        raise InputError(f"fp8_gemm: variant={variant!r} is not one of {tuple(VARIANTS)}")
+    acc_mode = FAST if fast_accum else PRECISE_ADD if variant == "add" else PRECISE
+    return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch, acc_mode,
+                     variant)
 
 
-def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch, acc_mode: int):
+def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch, acc_mode: int,
+              variant: str = "default"):
     fn = "fp8_gemm"
     check_tensor(fn, "a", a, (FP8,), ndim=2)
     check_tensor(fn, "w", w, (FP8,), ndim=2)
@@ -231,6 +364,21 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
     if K == 0:  # an empty sum: the epilogue of zeros
         return fp8_gemm_ref(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    if variant in ("tma", "ws"):
+        a_desc, w_desc = _descriptors(a, w, dev)
+        launch = _fp8_gemm_ws if variant == "ws" else _fp8_gemm_tma
+        with on_device(dev):
+            launch[grid](
+                a_desc, w_desc, out, a_scale, w_scale,
+                bias if bias is not None else out, gate if gate is not None else out,
+                residual if residual is not None else out,
+                M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
+                residual.stride(0) if residual is not None else 0,
+                A_PER_ROW=a_scale.numel() > 1, W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act,
+                HAS_GATE=gate is not None, HAS_RES=residual is not None, ACC_MODE=FAST if acc_mode == FAST else PRECISE,
+                WARP_SPEC=variant == "ws",
+            )
+        return out
     with on_device(dev):
         _fp8_gemm_kernel[grid](
             a, w, out, a_scale, w_scale,
@@ -243,6 +391,25 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
             HAS_GATE=gate is not None, HAS_RES=residual is not None, ACC_MODE=acc_mode,
         )
     return out
+
+
+def _descriptors(a: torch.Tensor, w: torch.Tensor, dev: torch.device):
+    """Host-side TMA descriptors for a [M, K] and w [N, K] (block shapes are set per config by the autotuner's
+    pre-hook). TMA wants 16-byte aligned base addresses and row strides, i.e. K % 16 == 0 for fp8 rows."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as e:
+        raise HardwareError(f"fp8_gemm: variants 'tma' / 'ws' need triton.tools.tensor_descriptor (Triton 3.4+), "
+                            f"this Triton {triton.__version__} has none ({e}); use variant='default'") from e
+    if dev.type == "cuda" and capability(dev) < (9, 0):
+        raise HardwareError("fp8_gemm: variants 'tma' / 'ws' need the TMA unit of Hopper (sm90+); use "
+                            "variant='default'")
+    for name, t in (("a", a), ("w", w)):
+        if t.stride(0) % 16 or t.data_ptr() % 16 or t.stride(1) != 1:
+            raise InputError(f"fp8_gemm: variants 'tma' / 'ws' need {name} with 16-byte aligned rows (K % 16 == 0, "
+                             f"got {name} of shape {tuple(t.shape)}, strides {t.stride()}); use variant='default'")
+    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1]),
+            TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1]))
 
 
 def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
