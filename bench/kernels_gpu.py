@@ -1,7 +1,8 @@
 """Check and benchmark every Triton kernel in kernels/ on one GPU, against torch baselines, in one run.
 
-    python bench/kernels_gpu.py                 # on an H100 / H200: real SD3.5 shapes, about 4-6 minutes
+    python bench/kernels_gpu.py                 # on an H100 / H200: real SD3.5 shapes, under 5 minutes cold
     python bench/kernels_gpu.py --smoke         # tiny shapes; also runs on a CPU (sets TRITON_INTERPRET=1)
+    MINISD35_COMMIT=$(git rev-parse HEAD) python bench/kernels_gpu.py   # a copy of the tree without .git
 
 What it measures (each section is independent: an exception is recorded and the run goes on):
   device    GPU name, driver, CUDA / torch / triton versions, git commit; device-to-device copy bandwidth
@@ -20,12 +21,22 @@ What it measures (each section is independent: an exception is recorded and the 
             (target <= 1.15x F.linear's time)
   ln        ln_mod_quant / ln_mod at M = 8858: agreement with the reference, GB/s, % of copy bandwidth, against
             the unfused torch sequence
+  qk_norm   qk_norm_split (QK RMSNorm + head split into the attention buffers) for SD3.5 Large's image and text
+            streams, Medium's, and MMDiT-X's attn2 (image tokens only): agreement with the reference (share of
+            differing values, max ulps), GB/s (qkv read + q/k/v written), % of copy (target >= 70%), graph-timed
+  gelu_quant  GELU(tanh) + per-token FP8 at Large's (N = 9728) and Medium's (N = 6144) MLP width: codes that differ
+            from quant_fp8_ref(F.gelu(h)), scales equal, GB/s (h read + codes written), % of copy (target >= 80%)
+  routes    the weight-only GEMM's two routes at M = 64 .. 8858 (fused kernel / dequant_weight + F.linear) against
+            bf16 F.linear, and which one route="auto" takes: the data to confirm DEQUANT_ROUTE_MIN_M (target: auto
+            <= 1.15x F.linear's time at M = 8858)
+  variants  the FP8 GEMM's kernel variants (default, tma, ws; add is in gemm) on qkv and fc2 vs _scaled_mm row-wise:
+            agreement with fp8_gemm_ref first (a variant that disagrees is reported, not timed), then TFLOP/s
 Timing: triton.testing.do_bench median (20th / 80th percentiles kept), after one warm-up call that also runs
 the autotuner (its duration is recorded as first_call_s, unless a correctness check ran the kernel first). A
-time budget (--budget, default 300 s; the run must stay under 6 minutes on an H100 with a cold Triton cache)
-skips the remaining measurements instead of overrunning: memory-bound sections run first, the GEMM after them,
-the accumulation study last. Output: tables on stdout, one final JSON line, and $OUT/kernels.json
-(OUT defaults to /tmp).
+time budget (--budget, default 240 s; the whole run must stay under 5 minutes on an H200 with a cold Triton cache,
+and a section that has started finishes its current measurement) skips the remaining measurements instead of
+overrunning: memory-bound sections run first, the GEMMs after them, the accumulation study last. Output: tables on
+stdout, one final JSON line, and $OUT/kernels.json (OUT defaults to /tmp).
 """
 
 from __future__ import annotations
@@ -72,12 +83,24 @@ class Bench:
             self.quant_k = [72, 300]
             self.ln_k = [72]
             self.copy_mb = 4
+            self.qk_cases = {"image": (2, 5, 3, 64, 12, 0), "text": (2, 7, 3, 64, 12, 5)}
+            self.gelu_shapes = [(70, 300)]
+            self.route_cases = [("qkv", 64, 96, [3, 70])]
+            self.variant_layers = {"qkv": (64, 96)}
         else:
             self.M, self.B = M_TOKENS, BATCH
             self.large, self.medium, self.adaln = LARGE, MEDIUM, ADALN
             self.quant_k = [2432, 9728]
             self.ln_k = [2432, 1536]
             self.copy_mb = 1024
+            # (B, L, heads, hd, Ltot, offset): 1024 px = 4096 image tokens, 333 text tokens, CFG batch 2
+            self.qk_cases = {"large image": (2, 4096, 38, 64, 4429, 0), "large text": (2, 333, 38, 64, 4429, 4096),
+                             "medium image": (2, 4096, 24, 64, 4429, 0),
+                             "medium attn2 (MMDiT-X)": (2, 4096, 24, 64, 4096, 0)}
+            self.gelu_shapes = [(M_TOKENS, 4 * 2432), (M_TOKENS, 4 * 1536)]
+            # (layer, K, N, Ms): 666 = the text stream's 2 x 333 tokens, 8858 = both streams at 1024 px
+            self.route_cases = [("qkv", 2432, 7296, [64, 256, 666, 2048, 8858]), ("fc2", 9728, 2432, [8858])]
+            self.variant_layers = {"qkv": LARGE["qkv"], "fc2": LARGE["fc2"]}
 
     def out_of_time(self, what: str) -> bool:
         if time.time() < self.deadline:
@@ -182,8 +205,9 @@ def tuned(kernel) -> str:
 
 
 def _git_commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
+    for var in ("MINISD35_COMMIT", "GIT_COMMIT"):  # the GPU machine's copy of the tree has no .git
+        if os.environ.get(var):
+            return os.environ[var]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
@@ -474,6 +498,179 @@ def bench_ln(b: Bench, copy_gbps: float) -> dict:
     return {"rows": rows}
 
 
+def bench_qk_norm(b: Bench, copy_gbps: float) -> dict:
+    from kernels import qk_norm as QK
+    from kernels._common import print_table
+    from kernels.qk_norm import qk_norm_split, qk_norm_split_ref
+
+    rows = []
+    for name, (B, L, H, hd, Ltot, off) in b.qk_cases.items():
+        if b.out_of_time(f"qk_norm {name}"):
+            break
+        torch.manual_seed(4)
+        qkv = torch.randn(B * L, 3 * H * hd, device=b.dev, dtype=torch.bfloat16) * 2
+        w = (torch.rand(hd, device=b.dev) + 0.5).to(torch.bfloat16)
+        bufs = [torch.zeros(B, H, Ltot, hd, device=b.dev, dtype=torch.bfloat16) for _ in range(6)]
+        moved = 2 * qkv.numel() * qkv.element_size()  # qkv read once, q/k/v written once
+
+        def run(fn, check: bool):
+            rec = {}
+            if check:
+                qk_norm_split(qkv, B, L, H, hd, w, w, 1e-6, *bufs[:3], off)
+                qk_norm_split_ref(qkv, B, L, H, hd, w, w, 1e-6, *bufs[3:], off)
+                diff = [(a != r) for a, r in zip(bufs[:3], bufs[3:])]
+                ulp = max(((a.double() - r.double()).abs() / (r.double().abs().clamp_min(1e-30) * 2**-7)).max().item()
+                          for a, r in zip(bufs[:2], bufs[3:5]))
+                rec = {"differ": sum(d.float().sum().item() for d in diff) / sum(d.numel() for d in diff),
+                       "v_equal": bool(torch.equal(bufs[2], bufs[5])), "max_ulps": ulp}
+            rec.update(b.time(fn))
+            rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
+            if b.dev == "cuda":
+                rec["graph_ms"] = b.time(fn, graph=True)["ms"]
+                rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
+            return rec
+
+        for impl, fn, check in [
+                ("triton qk_norm_split", lambda: qk_norm_split(qkv, B, L, H, hd, w, w, 1e-6, *bufs[:3], off), True),
+                ("triton, no QK norm (SD3 Medium)", lambda: qk_norm_split(qkv, B, L, H, hd, None, None, 1e-6,
+                                                                           *bufs[:3], off), False),
+                ("torch: permute, RMSNorm, copy", lambda: qk_norm_split_ref(qkv, B, L, H, hd, w, w, 1e-6, *bufs[3:],
+                                                                            off), False)]:
+            if name != "large image" and "no QK" in impl:
+                continue
+            r = measure(rows, {"case": name, "B": B, "L": L, "heads": H, "impl": impl}, run, fn, check)
+            if impl.startswith("triton"):
+                r["config"] = tuned(QK._qk_norm_kernel)
+    print_table(rows, ["case", "B", "L", "heads", "impl", "differ", "max_ulps", "v_equal", "ms", "GBps", "pct_copy",
+                       "graph_ms", "graph_pct_copy", "error"])
+    return {"rows": rows}
+
+
+def bench_gelu_quant(b: Bench, copy_gbps: float) -> dict:
+    from kernels import gelu_quant as GQ
+    from kernels._common import print_table, rel_rms
+    from kernels.gelu_quant import gelu_quant, gelu_quant_ref
+
+    def run(h, fn, check: bool):
+        rec = {}
+        if check:
+            q, s = gelu_quant(h)
+            qr, sr = gelu_quant_ref(h)
+            rec = {"codes_differ": (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item(),
+                   "scales_equal": bool(torch.equal(s, sr)),
+                   "rel_err": rel_rms(q.float() * s[:, None], qr.float() * sr[:, None])}
+        rec.update(b.time(fn, h))
+        moved = h.numel() * (h.element_size() + 1) + 4 * h.shape[0]
+        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
+        if b.dev == "cuda":
+            rec["graph_ms"] = b.time(fn, h, graph=True)["ms"]
+            rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
+        return rec
+
+    rows = []
+    for M, N in b.gelu_shapes:
+        if b.out_of_time(f"gelu_quant N={N}"):
+            break
+        torch.manual_seed(5)
+        h = torch.randn(M, N, device=b.dev, dtype=torch.bfloat16) * 1.5  # fc1 outputs: zero-mean, O(1)
+        for impl, fn, check in [("triton gelu_quant", gelu_quant, True),
+                                ("torch: F.gelu, quant_fp8_ref", gelu_quant_ref, False)]:
+            r = measure(rows, {"M": M, "N": N, "impl": impl}, run, h, fn, check)
+            if check:
+                r["config"] = tuned(GQ._gelu_quant_kernel)
+    print_table(rows, ["M", "N", "impl", "rel_err", "codes_differ", "scales_equal", "ms", "GBps", "pct_copy",
+                       "graph_ms", "graph_pct_copy", "error"])
+    return {"rows": rows}
+
+
+def bench_routes(b: Bench) -> dict:
+    """Weight-only GEMM at growing M: the fused-dequant kernel against dequant_weight + F.linear (cuBLAS)."""
+    from kernels import fp8_dequant_gemm as D
+    from kernels._common import print_table, rel_rms
+    from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref, dequant_weight
+    from kernels.fp8_quant import quant_fp8_ref
+
+    rows = []
+    for layer, K, N, Ms in b.route_cases:
+        torch.manual_seed(6)
+        w, sw = quant_fp8_ref(torch.randn(N, K, device=b.dev) * 0.02)
+        wb = (w.float() * sw[:, None]).to(torch.bfloat16)
+        bias = torch.randn(N, device=b.dev, dtype=torch.bfloat16)
+        if not b.out_of_time(f"routes {layer} dequant_weight"):  # the extra pass alone: 1 byte read + 2 written
+            r = measure(rows, {"layer": layer, "M": 0, "K": K, "N": N, "impl": "dequant_weight alone"},
+                        lambda: b.time(dequant_weight, w, sw))
+            if "ms" in r:
+                r["weight_GBps"] = 3 * N * K / r["ms"] * 1e-6
+        for M in sorted(Ms, reverse=True):  # large M first: the fused kernel's configs are tuned per M bucket
+            if b.out_of_time(f"routes {layer} M={M}"):
+                break
+            x = torch.randn(M, K, device=b.dev, dtype=torch.bfloat16)
+            base = measure(rows, {"layer": layer, "M": M, "K": K, "N": N, "impl": "bf16 F.linear"},
+                           lambda: b.time(F.linear, x, wb, bias))
+            ref = dequant_gemm_ref(x, w, sw, bias)
+            for route in ("fused", "dequant"):
+                r = measure(rows, {"layer": layer, "M": M, "K": K, "N": N, "impl": f"route={route}"},
+                            lambda route=route: {"rel_err_vs_ref": rel_rms(dequant_gemm(x, w, sw, bias, route=route),
+                                                                           ref),
+                                                 **b.time(dequant_gemm, x, w, sw, bias, route=route)})
+                if "ms" in r and "ms" in base:
+                    r["time_vs_linear"] = r["ms"] / base["ms"]
+                    r["auto_takes_it"] = (route == "dequant") == (M >= D.DEQUANT_ROUTE_MIN_M)
+                    r["TFLOPs"] = 2 * M * N * K / r["ms"] * 1e-9
+    print_table(rows, ["layer", "M", "K", "N", "impl", "rel_err_vs_ref", "ms", "time_vs_linear", "auto_takes_it",
+                       "TFLOPs", "weight_GBps", "error"])
+    return {"rows": rows, "DEQUANT_ROUTE_MIN_M": D.DEQUANT_ROUTE_MIN_M}
+
+
+def bench_variants(b: Bench) -> dict:
+    """The FP8 GEMM's kernel variants (fp8_gemm(variant=...)) against _scaled_mm row-wise, checked first."""
+    from kernels import fp8_gemm as G
+    from kernels._common import print_table, rel_rms
+    from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, scaled_mm
+    from kernels.fp8_quant import quant_fp8_ref
+
+    rows = []
+    M = b.M
+    for layer, (K, N) in b.variant_layers.items():
+        torch.manual_seed(7)
+        a, sa = quant_fp8_ref(torch.randn(M, K, device=b.dev))
+        w, sw = quant_fp8_ref(torch.randn(N, K, device=b.dev) * 0.02)
+        bias = torch.randn(N, device=b.dev, dtype=torch.bfloat16) * 0.1
+        ref = fp8_gemm_ref(a, sa, w, sw, bias)
+        flop = 2 * M * N * K
+        impls = [("_scaled_mm row-wise", scaled_mm, {}), ("_scaled_mm row-wise fast_accum", scaled_mm,
+                                                          {"fast_accum": True})]
+        # "add" is timed by the gemm section ("triton precise via acc += dot per K tile"); the default's autotuning
+        # here is reused there
+        impls += [(f"triton {v}", fp8_gemm, {"variant": v}) for v in ("default", "tma", "ws")]
+        if layer == "qkv":
+            impls += [(f"triton {v} fast_accum", fp8_gemm, {"variant": v, "fast_accum": True})
+                      for v in ("default", "ws")]
+        for impl, fn, kw in impls:
+            if b.out_of_time(f"variants {layer} {impl}"):
+                break
+
+            def run(fn=fn, kw=kw):
+                err = rel_rms(fn(a, sa, w, sw, bias, **kw), ref)
+                rec = {"rel_err_vs_ref": err}
+                if not err < 1e-2:  # session 1: 7e-4 precise, 2e-3..3e-3 fast (bf16 output); a broken kernel: O(1)
+                    rec["error"] = f"disagrees with fp8_gemm_ref (rel err {err:.2e}): not timed"
+                    return rec
+                return {**rec, **tflops(flop, b.time(fn, a, sa, w, sw, bias, **kw))}
+
+            r = measure(rows, {"layer": layer, "M": M, "K": K, "N": N, "impl": impl}, run)
+            if impl.startswith("triton") and "ms" in r:
+                kernel = {"tma": G._fp8_gemm_tma, "ws": G._fp8_gemm_ws}.get(kw.get("variant"), G._fp8_gemm_kernel)
+                r["config"] = tuned(kernel)
+        base = next((r for r in rows if r["layer"] == layer and r["impl"] == "_scaled_mm row-wise" and "ms" in r), None)
+        for r in rows:
+            if r["layer"] == layer and base and "ms" in r:
+                r["speed_vs_scaled_mm"] = base["ms"] / r["ms"]
+    print_table(rows, ["layer", "M", "K", "N", "impl", "rel_err_vs_ref", "ms", "TFLOPs", "speed_vs_scaled_mm",
+                       "first_call_s", "error"])
+    return {"rows": rows}
+
+
 def targets(res: dict) -> list[dict]:
     """The brief's GPU targets, each with its measured value and whether it is met."""
     out = []
@@ -486,6 +683,24 @@ def targets(res: dict) -> list[dict]:
             best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
             out.append({"target": f"quant_fp8 per-token K={r['K']} >= 80% of copy GB/s (do_bench; graph)",
                         "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= 80})
+    for r in rows("qk_norm"):
+        if r.get("impl") == "triton qk_norm_split" and "pct_copy" in r:
+            best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
+            out.append({"target": f"qk_norm_split {r['case']} >= 70% of copy GB/s (do_bench; graph)",
+                        "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= 70})
+    for r in rows("gelu_quant"):
+        if r.get("impl") == "triton gelu_quant" and "pct_copy" in r:
+            best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
+            out.append({"target": f"gelu_quant N={r['N']} >= 80% of copy GB/s (do_bench; graph)",
+                        "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= 80})
+    for r in rows("routes"):
+        if r.get("auto_takes_it") and r.get("M") == M_TOKENS and "time_vs_linear" in r:
+            out.append({"target": f"weight-only {r['layer']} M={r['M']} auto route ({r['impl']}) <= 1.15x F.linear",
+                        "value": r["time_vs_linear"], "met": r["time_vs_linear"] <= 1.15})
+    for r in rows("variants"):
+        if r.get("impl", "").startswith("triton") and "speed_vs_scaled_mm" in r and "fast" not in r["impl"]:
+            out.append({"target": f"fp8_gemm {r['layer']} {r['impl']} >= 1.0x _scaled_mm row-wise",
+                        "value": r["speed_vs_scaled_mm"], "met": r["speed_vs_scaled_mm"] >= 1.0})
     g = rows("gemm")
     for layer in LARGE:
         t = next((r for r in g if r["layer"] == layer and r["impl"] == "triton" and "ms" in r), None)
@@ -510,7 +725,7 @@ def targets(res: dict) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under the Triton interpreter")
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds after which remaining measurements skip")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining measurements skip")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"), help="folder for kernels.json ($OUT)")
     args = ap.parse_args()
     if args.smoke and not torch.cuda.is_available():
@@ -526,8 +741,12 @@ def main() -> int:
     # cheap memory-bound kernels first, the GEMM (most compiling and autotuning) after, the error study last, so
     # that a spent time budget costs the least important measurements
     section(res, "quant", bench_quant, b, copy_gbps)
+    section(res, "qk_norm", bench_qk_norm, b, copy_gbps)
+    section(res, "gelu_quant", bench_gelu_quant, b, copy_gbps)
     section(res, "ln", bench_ln, b, copy_gbps)
     section(res, "dequant", bench_dequant, b)
+    section(res, "routes", bench_routes, b)
+    section(res, "variants", bench_variants, b)
     section(res, "gemm", bench_gemm, b)
     section(res, "accum", bench_accum, b)
     res["targets"] = targets(res)

@@ -4,11 +4,16 @@ TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and
 
     fp8_quant.py         quant_fp8(x, per_token=True, scale=None) -> (x_fp8, scale)       activations -> E4M3
     fp8_gemm.py          fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
-                         fast_accum) -> out                                               W8A8 GEMM + epilogue
+                         fast_accum, variant) -> out                                      W8A8 GEMM + epilogue
+                         (variant: "default" | "add" | "tma" | "ws" = TMA + warp specialisation, Hopper)
                          scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, fast_accum)   the torch._scaled_mm path
-    fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None) -> y             weight-only FP8 (any GPU;
-                         M <= 4 picks the faster of two GEMV kernels on its first call per layer shape)
+    fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None, route="auto") -> y   weight-only FP8
+                         (any GPU; M <= 4 picks the faster of two GEMV kernels on its first call per layer shape;
+                         from M = 512 on: dequant_weight(w, w_scale, dtype) + F.linear, i.e. cuBLAS)
     ln_mod_quant.py      ln_mod_quant(x, shift, scale, rows_per_batch, eps) -> (y_fp8, y_scale), ln_mod(...) -> y
+    qk_norm.py           qk_norm_split(qkv, B, L, heads, hd, wq, wk, eps, q, k, v, offset)  QK RMSNorm + head split
+                         into the attention buffers
+    gelu_quant.py        gelu_quant(h) -> (h8, scale)                                     GELU(tanh) + per-token FP8
 Every one has a `*_ref` twin in plain torch with the same semantics. Conventions (scale = dequant multiplier,
 amax / 448, clamp before every cast) are in _common.py.
 

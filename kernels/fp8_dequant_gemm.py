@@ -96,6 +96,7 @@ GEMV_CONFIGS = [
 GEMM_CONFIGS = [
     _cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 8, False),
     _cfg(128, 128, 64, 4, 4, False), _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
+    _cfg(64, 128, 64, 4, 4, False), _cfg(64, 256, 64, 3, 8, False),  # for M of a few dozen to a few hundred
 ]
 # FMA GEMV (M <= 4, no tensor cores): BLOCK_N weight rows x BLOCK_K per program and step, many programs (912 for
 # N = 14592 at BLOCK_N = 16) with few registers each, so that enough 16-byte weight loads are in flight.
@@ -133,6 +134,7 @@ def _epilogue(acc, offs_m, offs_n, rn, M, N, out_ptr, stride_om, w_scale_ptr, bi
 def _dequant_gemm_kernel(
     x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
+    M_BUCKET,  # unused in the kernel: part of the autotune key, so that M = 64 and M = 8858 get their own configs
     W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, DOT_F32: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -283,7 +285,8 @@ _fma_gemv = triton.autotune(configs=pick_configs(FMA_GEMV_CONFIGS, CPU_FMA_GEMV_
                             key=["N", "K", "BITCAST", "M_PAD"])(_even_k(_dequant_gemv_kernel))
 _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
-_gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
+_gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS),
+                        key=["N", "K", "BITCAST", "M_BUCKET"])(_mma)
 FMA_MAX_M = 4  # M up to this may use the FMA GEMV
 DEQUANT_ROUTE_MIN_M = 512  # M from this on: dequantise the weight, then cuBLAS (see the module docstring)
 ROUTES = ("auto", "fused", "dequant")
@@ -368,7 +371,8 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
         else:
             launch = _gemv if M <= GEMV_MAX_M else _gemm
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            launch[grid](*args, DOT_F32=interpreting(), **flags)
+            bucket = 16 if M <= GEMV_MAX_M else 128 if M <= 128 else 512 if M <= 512 else 4096
+            launch[grid](*args, bucket, DOT_F32=interpreting(), **flags)
     return out
 
 

@@ -443,7 +443,8 @@ build("gemm sm89", fp8_gemm._fp8_gemm_kernel, g_sig, dict(A_PER_ROW=True, W_PER_
       BLOCK_K=64, GROUP_M=8), 89, warps=4)
 
 d_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
+         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
+         "M_BUCKET": "i32"}
 gemv, gemm = fp8_dequant_gemm.GEMV_CONFIGS, fp8_dequant_gemm.GEMM_CONFIGS
 swap = lambda cfgs, s: next(c for c in cfgs if c.kwargs["SWAP_AB"] == s)
 for cfg in (swap(gemv, True), swap(gemv, False), swap(gemm, True), swap(gemm, False)):  # each code path once
