@@ -47,6 +47,7 @@ from kernels._common import (
     on_device,
     pick_configs,
     prune_row_tiles,
+    round_first,
     to_e4m3,
 )
 from minisd35.errors import InputError
@@ -151,9 +152,9 @@ def quant_fp8(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | Non
         if mode is TENSOR:  # launch 1 of 2: amax over the whole tensor (atomic max into one fp32)
             amax = torch.zeros(1, dtype=torch.float32, device=dev)
             _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=AMAX.value, ONE_TILE=one_tile,
-                                ROUND_FIRST=interpreting(), BLOCK_K=block_k)
+                                ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
         _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=mode.value, ONE_TILE=one_tile,
-                            ROUND_FIRST=interpreting(), BLOCK_K=block_k)
+                            ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
     return q, out_scale
 
 

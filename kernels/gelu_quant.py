@@ -61,6 +61,7 @@ from kernels._common import (
     interpreting,
     on_device,
     pick_configs,
+    round_first,
     round_to,
     round_to_e4m3_grid,
 )
@@ -176,7 +177,7 @@ def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale.fill_(SCALE_FLOOR / FP8_MAX)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with on_device(dev):
-        _gelu_quant_kernel[grid](h, q, scale, M, N, h.stride(0), G_DT=TL_DTYPES[h.dtype], ROUND_FIRST=interpreting())
+        _gelu_quant_kernel[grid](h, q, scale, M, N, h.stride(0), G_DT=TL_DTYPES[h.dtype], ROUND_FIRST=round_first(dev))
     return q, scale
 
 

@@ -49,6 +49,7 @@ from kernels._common import (
     on_device,
     pick_configs,
     prune_row_tiles,
+    round_first,
     round_to,
     to_e4m3,
 )
@@ -138,7 +139,7 @@ def _launch(x, shift, scale, rows_per_batch: int, eps: float, quant: bool):
         _ln_mod_kernel[grid](
             x, shift, scale, y, y_scale, M, K, rows_per_batch, float(eps),
             x.stride(0), shift.stride(0), scale.stride(0), y.stride(0),
-            QUANT=quant, ROUND_FIRST=interpreting(),
+            QUANT=quant, ROUND_FIRST=round_first(dev),
             LN_DT=TL_DTYPES[x.dtype], T_DT=TL_DTYPES[t_dt], U_DT=TL_DTYPES[u_dt], Y_DT=TL_DTYPES[y_dt],
             BLOCK_K=next_pow2(K),
             enable_fp_fusion=False,  # keep torch's roundings: no fma across the rounded (1+scale) product and +shift
