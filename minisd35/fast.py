@@ -69,12 +69,9 @@ def quant_rows(x: torch.Tensor):
 def gelu_quant(h: torch.Tensor):
     """GELU(tanh) then per-token FP8 quantisation of the MLP hidden state [M, 4D]."""
     if _triton_ok(h):
-        try:
-            from kernels.gelu_quant import gelu_quant as k
-        except ImportError:
-            k = None
-        if k is not None:
-            return k(h)
+        from kernels.gelu_quant import gelu_quant as k
+
+        return k(h)
     return quant_rows(F.gelu(h, approximate="tanh"))
 
 
@@ -82,13 +79,11 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, 
                   k: torch.Tensor, v: torch.Tensor, offset: int) -> None:
     """qkv [B*L, 3*H*hd] -> q, k (RMS-normalised per head) and v written into the attention buffers [B, H, Ltot,
     hd] at sequence positions offset..offset+L. One pass on CUDA; the reference does what mmdit.Attention does."""
-    if _triton_ok(qkv) and isinstance(ln_q, nn.Module) and hasattr(ln_q, "weight"):
-        try:
-            from kernels.qk_norm import qk_norm_split as kern
-        except ImportError:
-            kern = None
-        if kern is not None:
-            return kern(qkv, B, L, heads, hd, ln_q.weight, ln_k.weight, ln_q.eps, q, k, v, offset)
+    if _triton_ok(qkv):  # SD3 Medium has no QK-norm (Identity): the kernel then only splits
+        from kernels.qk_norm import qk_norm_split as kern
+
+        return kern(qkv, B, L, heads, hd, getattr(ln_q, "weight", None), getattr(ln_k, "weight", None),
+                    getattr(ln_q, "eps", 1e-6), q, k, v, offset)
     qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
     q[:, :, offset : offset + L] = ln_q(qh)
     k[:, :, offset : offset + L] = ln_k(kh)
@@ -126,7 +121,7 @@ class Linear8:
             return fp8_gemm(x8, xs, m.weight, m.weight_scale, bias, out_dtype, gate=gate, residual=residual,
                             rows_per_batch=rows, fast_accum=self.fast_accum)
         if x8.is_cuda:
-            y = scaled_mm(x8, xs, m.weight, m.weight_scale, bias, out_dtype)
+            y = scaled_mm(x8, xs, m.weight, m.weight_scale, bias, out_dtype, fast_accum=self.fast_accum)
         else:  # the reference: every product of two E4M3 values is exact in fp32
             y = ((x8.float() * xs[:, None]) @ (m.weight.float() * m.weight_scale[:, None]).t())
             y = (y if bias is None else y + bias.float()).to(out_dtype)
