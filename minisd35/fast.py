@@ -152,12 +152,15 @@ def _adaln_layers(model: MMDiT) -> list[tuple[str, nn.Module]]:
 class FastMMDiT(nn.Module):
     """A faster forward over an MMDiT's own modules (shared, not copied). Same call signature as MMDiT."""
 
-    def __init__(self, model: MMDiT, fast_accum: bool = False, attention: str = "auto", gemm: str = "scaled_mm"):
+    def __init__(self, model: MMDiT, fast_accum: bool = False, attention: str = "auto", gemm: str = "scaled_mm",
+                 fuse_adaln: bool = True):
         super().__init__()
         self.model = model
         self.cfg = model.cfg
         self.fast_accum, self.attention_backend, self.gemm = fast_accum, attention, gemm
-        self._fuse_adaln()
+        self.adaln_kind = None
+        if fuse_adaln:  # not for a model that moves between devices: .to() would copy the views apart
+            self._fuse_adaln()
 
     def lin(self, module: nn.Module) -> Linear8:
         return Linear8(module, self.fast_accum, self.gemm)
@@ -167,7 +170,6 @@ class FastMMDiT(nn.Module):
         layers = _adaln_layers(self.model)
         kinds = {type(m) for _, m in layers}
         recipes = {getattr(m, "recipe", None) for _, m in layers}
-        self.adaln_kind = None
         if kinds == {nn.Linear}:
             self.adaln_kind = "linear"
         elif kinds == {FP8Linear} and recipes == {"w8-only"}:
@@ -343,8 +345,8 @@ class Graphed(nn.Module):
 
 
 def accelerate(model: MMDiT, *, graphs: bool = True, fast_accum: bool = False, attention: str = "auto",
-               gemm: str = "scaled_mm") -> nn.Module:
+               gemm: str = "scaled_mm", fuse_adaln: bool = True) -> nn.Module:
     """The fast forward for this model (CUDA; on the CPU the same code runs its torch fallbacks). Pass the result
     wherever the model was called: load_pipeline(..., fast=True) does it for you."""
-    fast = FastMMDiT(model, fast_accum=fast_accum, attention=attention, gemm=gemm)
+    fast = FastMMDiT(model, fast_accum=fast_accum, attention=attention, gemm=gemm, fuse_adaln=fuse_adaln)
     return Graphed(fast) if graphs else fast

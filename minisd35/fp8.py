@@ -409,9 +409,11 @@ class QuantReport:
 
 
 def quantize(model: nn.Module, policy: str | Policy | list = "default", *, impl: str | None = None,
-             keep_original: bool = False, verbose: bool = False) -> QuantReport:
+             keep_original: bool = False, verbose: bool = False, device=None) -> QuantReport:
     """Replace every nn.Linear whose full name the policy maps to an FP8 recipe by an FP8Linear, in place.
-    keep_original keeps the bf16 weights too (for `original_weights` A/B runs; costs their memory)."""
+    keep_original keeps the bf16 weights too (for `original_weights` A/B runs; costs their memory). device: move
+    each converted layer there first and quantise it there (a CPU-loaded T5-XXL quantises in seconds on a GPU;
+    its FP8 layers then live on that device)."""
     pol = get_policy(policy)
     report = QuantReport()
     for name, lin in list(model.named_modules()):
@@ -423,8 +425,9 @@ def quantize(model: nn.Module, policy: str | Policy | list = "default", *, impl:
             report.kept[name] = f"rule {pat!r}" if pat else "no rule"
             continue
         parent, _, attr = name.rpartition(".")
+        src = lin if device is None else lin.to(device)
         setattr(model.get_submodule(parent) if parent else model, attr,
-                FP8Linear.from_linear(lin, recipe, keep_original=keep_original, impl=impl))
+                FP8Linear.from_linear(src, recipe, keep_original=keep_original, impl=impl))
         report.converted[recipe] += 1
     if verbose:
         print(report)
