@@ -174,7 +174,7 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None, nv: NVML, iters: int = 10,
-            weights_bytes: int | None = None, log=print) -> dict:
+            weights_bytes: int | None = None, log=print, ref32: torch.Tensor | None = None) -> dict:
     """One system: first call (compile / autotune / graph capture), then timed steps with energy, peak memory and
     error vs ref. Memory: `extra_gib` is what the step allocates on top of what was allocated before its first call
     (activations, workspaces, CUDA-graph pools); the system's MMDiT peak is its own weights plus that."""
@@ -194,10 +194,12 @@ def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None,
            "mmdit_peak_gib": None if wg is None else wg + extra,
            "energy_j_per_step": None if e0 is None or e1 is None else (e1 - e0) / (iters + 2),
            "rel_rms_vs_bf16": None if ref is None else rel_rms(out.float(), ref.float()),
+           "rel_rms_vs_fp32": None if ref32 is None else rel_rms(out.float(), ref32.float()),
            "finite": bool(torch.isfinite(out).all())}
     peak = f"{rec['mmdit_peak_gib']:6.2f}" if wg is not None else "   n/a"
     log(f"  {name:44s} {rec['median_ms']:8.2f} ms/step [{rec['p20_ms']:.2f}, {rec['p80_ms']:.2f}]  first "
-        f"{first:6.1f}s  peak {peak} GiB  err {rec['rel_rms_vs_bf16'] or 0:.2e}"
+        f"{first:6.1f}s  peak {peak} GiB  err {rec['rel_rms_vs_bf16'] or 0:.2e} (vs fp32 "
+        f"{rec['rel_rms_vs_fp32'] or 0:.2e})"
         + (f"  {rec['energy_j_per_step']:.1f} J/step" if rec["energy_j_per_step"] else ""))
     return rec
 
@@ -334,7 +336,7 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
         return m.eval()
 
     def run(name, step, weights, prof=False):
-        rec = measure(name, lambda: step(*inputs), ref, nv, iters, weights, log)
+        rec = measure(name, lambda: step(*inputs), ref, nv, iters, weights, log, ref32)
         if image_steps:
             rec["image_s"] = image_time(step, cfg, px, vae, image_steps)
             log(f"    whole image ({image_steps} steps + VAE decode): {rec['image_s']:.2f} s")
@@ -346,6 +348,11 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
 
     with torch.inference_mode():
         res["attention"] = attention_backends(batch, cfg.heads, L, cfg.head_dim, log)
+        # the fp32 run of the same weights: every system's error against it, next to plain bf16's own, shows
+        # which part of an error is bf16 noise (bf16 -> fp32 -> bf16 is exact, so the model is unchanged after)
+        model.float()
+        ref32 = model(*(a.float() for a in inputs))
+        model.to(torch.bfloat16)
         ref = model(*inputs)
         wb = module_bytes(model)
         if plain:
