@@ -106,7 +106,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| precision | adherence | drop vs bf16 | flips vs bf16 | PSNR vs bf16 (dB) | MAE vs bf16 (levels) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        drop = "-" if r["name"] == "bf16" else f"{r['drop']:+.1%}"
+        drop = "-" if r["name"] == "bf16" or r["drop"] is None else f"{r['drop']:+.1%}"
         psnr = "-" if r["name"] == "bf16" else f"{r['psnr_db']:.1f}"
         mae = "-" if r["name"] == "bf16" else f"{r['mae_levels']:.2f}"
         flips = "-" if r["name"] == "bf16" else f"{r['flips']:.1%}"
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(compare(images, pictures["bf16"]))
             row["flips"] = sum(a != b for a, b in zip(readings[name], readings["bf16"])) / len(scenes)
             base = rows[0]["adherence"]
-            row["drop"] = (base - row["adherence"]) / base if base else float("nan")
+            row["drop"] = (base - row["adherence"]) / base if base else None
         rows.append(row)
         extra = f", PSNR {row['psnr_db']} dB, MAE {row['mae_levels']}" if name != "bf16" else ""
         print(f"{name}: adherence {row['adherence']:.3f}{extra} ({meta['seconds']} s)", flush=True)

@@ -191,20 +191,21 @@ PRESETS: dict[str, Preset] = {
         vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_groups=8),
     ),
     # shapes: the model the project trains itself (weights/train_shapes.py, shipped in weights/shapes/) on 64x64
-    # pictures of coloured shapes (minisd35/shapes.py): 8x8 latents = 16 image tokens, 77 CLIP + 24 T5 text tokens.
+    # pictures of coloured shapes (minisd35/shapes.py). Its VAE has 3 levels, so it downsamples 4x (SD3's: 8x): 16x16
+    # latents, 64 image tokens, and a small shape spans 4x4 latents instead of 2x2. 77 CLIP + 24 T5 text tokens.
     # Frozen random text encoders (CLIP-L 64 + CLIP-G 64 = pooled 128 = T5 width = context width). The VAE's latent
     # scale/shift here are SD3's placeholders: the trained values are in weights/shapes/vae/config.json.
     "shapes": Preset(
         "shapes",
         MMDiTConfig(depth=5, heads=2, head_dim=64, context_dim=128, pooled_dim=128, pos_embed_max_size=16, qk_norm=True,
-                    dual_attention_layers=(0, 1), sample_size=8),
+                    dual_attention_layers=(0, 1), sample_size=16),
         SamplerDefaults(steps=20, guidance=5.0, shift=1.0, t5_tokens=24, height=64, width=64),
         clip_l=CLIPConfig(width=64, layers=2, heads=2, mlp_dim=128, vocab_size=1000, projection_dim=64,
                           eos_token_id=999, pad_token_id=999),
         clip_g=CLIPConfig(width=64, layers=2, heads=2, mlp_dim=128, act="gelu", vocab_size=1000, projection_dim=64,
                           eos_token_id=999, pad_token_id=0),
         t5=T5Config(d_model=128, d_kv=32, heads=4, d_ff=256, layers=2, vocab_size=1000, buckets=32, max_distance=128),
-        vae=VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=8),
+        vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_groups=8),
     ),
 }
 VARIANTS = [n for n in PRESETS if n != "tiny"]

@@ -15,10 +15,12 @@ Stages, each time-boxed so that the whole run ends within --minutes and always s
              word apart and the MMDiT's joint attention learns to read them. Training the encoders would cost
              time and buy nothing the judge can measure (and frozen random encoders keep their files trivially
              reproducible).
-3. VAE       SD3's 16-channel AutoencoderKL at toy width, trained as an autoencoder: L1 + L2 reconstruction plus a
-             small KL term. Then scaling_factor / shift_factor are set from the statistics of the trained latents
-             (latents = (z - shift) * scale has mean 0, variance 1, as SD3's 1.5305 / 0.0609 do for its VAE), and
-             the VAE is written (bf16) and read back to encode the whole dataset once.
+3. VAE       SD3's 16-channel AutoencoderKL at toy width and with 3 levels (4x down, SD3: 8x: a small shape spans
+             4x4 latents, which makes both the autoencoder and the diffusion model learn much faster), trained as
+             an autoencoder: L1 + L2 reconstruction plus a small KL term, posterior std initialised near 0. Then
+             scaling_factor / shift_factor are set from the statistics of the trained latents (latents =
+             (z - shift) * scale has mean 0, variance 1, as SD3's 1.5305 / 0.0609 do for its VAE), and the VAE is
+             written (bf16) and read back to encode the whole dataset once.
 4. MMDiT     rectified flow as SD3 trains it: x_t = (1 - t) x0 + t eps, target v = eps - x0, t ~ logit-normal(0, 1),
              plain MSE; 10% of captions dropped to "" (the empty prompt the pipeline encodes as the negative) so that
              classifier-free guidance works; AdamW, warm-up then cosine decay; an EMA of the weights is what ships.
@@ -74,8 +76,10 @@ from minisd35.weights import save_mmdit, sincos_pos_table  # noqa: E402
 PRESET = get_preset("shapes")
 # Settings per device: (training pictures, VAE batch, MMDiT batch, MMDiT peak LR, share of the training time for the
 # VAE). The CPU column is the fallback schedule: ~20-30 minutes on 2 cores.
-SETTINGS = {"cuda": dict(images=100_000, vae_batch=128, batch=256, lr=6e-4, vae_share=0.25),
-            "cpu": dict(images=12_000, vae_batch=16, batch=32, lr=4e-4, vae_share=0.3)}
+SETTINGS = {"cuda": dict(images=100_000, vae_batch=128, batch=256, lr=6e-4, vae_share=0.25, stats=4096,
+                         probes=5, probe_prompts=32),
+            "cpu": dict(images=8_000, vae_batch=8, batch=32, lr=4e-4, vae_share=0.3, stats=1024,
+                        probes=2, probe_prompts=16)}
 LOG: list[str] = []
 
 
@@ -117,7 +121,8 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
 # Helpers: time-boxed training loops
 
 class Schedule:
-    """Linear warm-up, then cosine decay to `floor` x peak over `total` steps (total fixed after calibration)."""
+    """Linear warm-up, then cosine decay to `floor` x peak over `total` steps. `total` is set once known (after the
+    calibration steps, which lie inside the warm-up, so a run with a fixed step count follows the same curve)."""
 
     def __init__(self, peak: float, warmup: int, floor: float = 0.1):
         self.peak, self.warmup, self.floor, self.total = peak, warmup, floor, None
@@ -213,9 +218,17 @@ def train_vae(images: torch.Tensor, dev: torch.device, budget_s: float, steps: i
     from minisd35.vae import VAE
 
     torch.manual_seed(seed)
-    vae = VAE(PRESET.vae).to(dev)
+    vae = VAE(PRESET.vae)
+    with torch.no_grad():
+        # Start the posterior almost deterministic (std e^-4 = 0.02): with PyTorch's default init logvar ~ 0, i.e.
+        # unit noise on latents that are still tiny, and the decoder would first spend thousands of steps learning
+        # to see through it. The KL term then lets the std grow where the decoder does not care.
+        half = PRESET.vae.latent_channels
+        vae.encoder.conv_out.weight[half:].zero_()
+        vae.encoder.conv_out.bias[half:].fill_(-8.0)
+    vae.to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = Schedule(1e-3, warmup=100, floor=0.05)
+    sched = Schedule(1e-3, warmup=50, floor=0.05)
     gen = torch.Generator().manual_seed(seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
@@ -235,7 +248,8 @@ def train_vae(images: torch.Tensor, dev: torch.device, budget_s: float, steps: i
         opt.step()
         return loss.detach()
 
-    n = run_loop("vae", step_fn, budget_s, steps, sched, Guard([vae], opt), curve, dev)
+    guard = Guard([vae], opt, every=50 if dev.type == "cuda" else 10)
+    n = run_loop("vae", step_fn, budget_s, steps, sched, guard, curve, dev)
     return vae.eval().requires_grad_(False), n
 
 
@@ -264,7 +278,7 @@ def write_vae(vae, folder: Path, shift: float, scale: float):
 
 @torch.no_grad()
 def encode_dataset(vae, images: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled latent means and stds [N, 16, 8, 8] (fp32, on dev) from the VAE as written (bf16 weights)."""
+    """Scaled latent means and stds [N, 16, 16, 16] (fp32, on dev) from the VAE as written (bf16 weights)."""
     c = vae.config
     means, stds = [], []
     for i in range(0, len(images), 512):
@@ -312,7 +326,7 @@ def train_mmdit(lat_mean, lat_std, cap_index, ctx_table, pooled_table, empty: in
     params = list(model.parameters())
     ema_params = list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    sched = Schedule(lr, warmup=300, floor=0.1)
+    sched = Schedule(lr, warmup=200, floor=0.1)
     gen = torch.Generator().manual_seed(seed + 1)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     state = {"next_probe": 0}
@@ -339,13 +353,14 @@ def train_mmdit(lat_mean, lat_std, cap_index, ctx_table, pooled_table, empty: in
             state["next_probe"] = step + 1 + max(1, sched.total // probes)
             try:
                 curve.append({"step": step + 1, "probe": probe(ema)})
-                log(f"probe at step {step + 1}: adherence {curve[-1]['probe']:.3f} on the first 32 val prompts")
+                log(f"probe at step {step + 1}: adherence {curve[-1]['probe']:.3f} (first val prompts, 10 steps)")
             except Exception as e:  # a curve point is not worth stopping for
                 log(f"probe failed: {type(e).__name__}: {e}")
         return loss.detach()
 
     try:
-        n = run_loop("mmdit", step_fn, budget_s, steps, sched, Guard([model, ema], opt), curve, dev)
+        guard = Guard([model, ema], opt, every=50 if dev.type == "cuda" else 10)
+        n = run_loop("mmdit", step_fn, budget_s, steps, sched, guard, curve, dev)
     except Exception:  # keep what has been learnt: the EMA weights are saved whatever happens
         log("mmdit: training stopped by an exception:\n" + traceback.format_exc())
         n = -1
@@ -364,7 +379,8 @@ def quick_probe(ema, vae, ctx, pooled, neg_ctx, neg_pooled, scenes, dev, steps: 
     from minisd35.vae import to_pil
 
     g = [torch.Generator().manual_seed(1000 + k) for k in range(len(scenes))]
-    x = sampling.noise((len(scenes), 16, 8, 8), g, dev, torch.float32)
+    side = S.SIDE // PRESET.vae.downscale
+    x = sampling.noise((len(scenes), PRESET.mmdit.in_channels, side, side), g, dev, torch.float32)
     x = sampling.sample(ema, x, ctx, pooled, neg_ctx, neg_pooled, sigmas=sampling.sigmas(steps, PRESET.sampler.shift),
                         guidance=guidance)
     images = to_pil(vae.decode(x))
@@ -465,25 +481,29 @@ def model_card(info: dict) -> str:
     mm = [c for c in info["curves"]["mmdit"] if "loss" in c]
     probes = [c for c in info["curves"]["mmdit"] if "probe" in c]
     vae = info["curves"]["vae"]
-    m, pr = p.mmdit, info["params"]
+    m, pr, vinfo, nan = p.mmdit, info["params"], info["vae"], float("nan")
+    vae_loss = vae[-1]["loss"] if vae else nan
     arch = "\n".join([
         f"| MMDiT | depth {m.depth}, width {m.hidden} ({m.heads} heads x {m.head_dim}), MLP x4, QK RMSNorm, dual "
         f"attention in blocks {list(m.dual_attention_layers)}, patch 2, 16 latent channels | {pr['mmdit']:,} |",
         f"| VAE | block_out_channels {list(p.vae.block_out_channels)}, {p.vae.layers_per_block} resnet per level, "
-        f"8x down, 16 latent channels | {pr['vae']:,} |",
+        f"{p.vae.downscale}x down (SD3: 8x), 16 latent channels | {pr['vae']:,} |",
         f"| CLIP-L / CLIP-G | width {p.clip_l.width}, {p.clip_l.layers} layers, 77 tokens; frozen at random "
         f"initialisation | {pr['clip_l']:,} / {pr['clip_g']:,} |",
         f"| T5 | d_model {p.t5.d_model}, {p.t5.layers} layers, {p.sampler.t5_tokens} tokens; frozen at random "
         f"initialisation | {pr['t5']:,} |"])
     sweep = "\n".join(f"| {s['guidance']} | {s['steps']} | {s['match']:.1%} |" for s in ev.get("sweep_val", []))
+    if sweep:
+        sweep = ("Sampler settings on the validation prompts (the defaults are fixed in the `shapes` preset):\n\n"
+                 "| guidance | steps | adherence |\n|---|---|---|\n" + sweep)
     return f"""# shapes: a tiny SD3 trained by minisd35 on pictures it draws itself
 
 A text-to-image model with Stable Diffusion 3's architecture at toy size (MMDiT with QK RMSNorm, MMDiT-X
-dual-attention blocks and the context_pre_only last block; 16-channel VAE; CLIP-L, CLIP-G and T5 text encoders)
-that draws 64 x 64 pictures of one coloured shape on a coloured background. Trained by `weights/train_shapes.py`
-(seed {tr['seed']}, {tr['device']}, {tr['minutes']} min budget) on {tr['images']:,} pictures drawn by
-`minisd35/shapes.py`. It exists so that minisd35 has real weights: to see the pipeline make a picture, and to measure
-what FP8 does to a trained model's images (`examples/shapes_fp8_eval.py`).
+dual-attention blocks and the context_pre_only last block; 16-channel VAE (4x down); CLIP-L, CLIP-G and T5 text
+encoders) that draws 64 x 64 pictures of one coloured shape on a coloured background. Trained by
+`weights/train_shapes.py` (seed {tr['seed']}, {tr['device']}, {tr['minutes']} min budget) on {tr['images']:,}
+pictures drawn by `minisd35/shapes.py`. It exists so that minisd35 has real weights: to see the pipeline make a
+picture, and to measure what FP8 does to a trained model's images (`examples/shapes_fp8_eval.py`).
 
     python -m minisd35 generate "a small red circle on the left, blue background" --model shapes
 
@@ -515,13 +535,13 @@ the ~40 words apart; the MMDiT learns to read them.
 
 ## Training
 
-- VAE: {info['vae']['steps']} steps, batch {tr['vae_batch']}, AdamW 1e-3 cosine, loss L1 + L2 + 1e-4 KL; final loss
-  {vae[-1]['loss'] if vae else float('nan'):.4f}; reconstruction PSNR {info['vae'].get('psnr', float('nan')):.1f} dB,
-  judge on reconstructions {info['vae'].get('judge_recon', float('nan')):.1%}.
+- VAE: {info['vae']['steps']} steps, batch {tr['vae_batch']}, AdamW 1e-3 (50 warm-up steps, cosine), loss L1 + L2
+  + 1e-4 KL; final loss {vae_loss:.4f}; reconstruction PSNR {vinfo.get('psnr', nan):.1f} dB, judge on
+  reconstructions {vinfo.get('judge_recon', nan):.1%}.
 - MMDiT: rectified flow (v = eps - x0), logit-normal(0, 1) timesteps, 10% caption dropout, {info['mmdit_steps']}
-  steps, batch {tr['batch']}, AdamW {tr['lr']} with 300 warm-up steps and cosine decay, EMA 0.999 (shipped).
+  steps, batch {tr['batch']}, AdamW {tr['lr']} with 200 warm-up steps and cosine decay, EMA 0.999 (shipped).
 - Loss curve (step: loss): {', '.join(f"{c['step']}: {c['loss']:.4f}" for c in mm[:: max(1, len(mm) // 10)])}
-- Adherence on 32 validation prompts during training (step: accuracy, 10 steps):
+- Adherence on the first {tr['probe_prompts']} validation prompts during training (step: accuracy, 10 steps):
   {', '.join(f"{c['step']}: {c['probe']:.0%}" for c in probes) or 'none'}
 - Wall time: {info['seconds']:.0f} s in all.
 
@@ -540,10 +560,6 @@ pictures of the test prompts.
 
 `test` and `val`: held-out combinations; `novel`: the held-out (shape, colour) pairs.
 
-Sampler settings on the validation prompts:
-
-| guidance | steps | adherence |
-|---|---|---|
 {sweep}
 """
 
@@ -608,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              "(run on CUDA only)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast for the MMDiT (auto: on CUDA, and on CPUs with native bf16 (avx512_bf16/amx))")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (on a shared machine 1 avoids thread thrashing)")
     ap.add_argument("--force", action="store_true", help="write into a non-empty --out")
     args = ap.parse_args(argv)
     try:
@@ -623,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     deadline = t_start + args.minutes * 60
     dev = torch.device(args.device)
     kind = "cuda" if dev.type == "cuda" else "cpu"
@@ -677,7 +696,7 @@ def train(args: argparse.Namespace) -> int:
     vae, n = train_vae(images, dev, train_s * st["vae_share"], args.vae_steps, st["vae_batch"], args.seed,
                        info["curves"]["vae"])
     info["params"]["vae"] = sum(p.numel() for p in vae.parameters())
-    shift, scale = latent_stats(vae, images, dev)
+    shift, scale = latent_stats(vae, images, dev, st["stats"])
     vcfg = write_vae(vae, out / "vae", shift, scale)
     from minisd35.vae import load_vae
 
@@ -700,15 +719,15 @@ def train(args: argparse.Namespace) -> int:
         f"sampling std {float(lat_std.mean()):.4f}")
     del images
 
-    # 4. MMDiT, with a few adherence probes on 32 validation prompts along the way
-    val = S.heldout_prompts("val", 32)
-    with torch.no_grad():
-        c, p = te.encode([q for q, _ in val] + [""] * len(val))
-    probe = lambda ema: quick_probe(ema, vae, c[len(val):], p[len(val):], c[: len(val)], p[: len(val)],  # noqa: E731
-                                    [s for _, s in val], dev)
+    # 4. MMDiT, with a few adherence probes on the first validation prompts along the way
+    val = S.heldout_prompts("val", st["probe_prompts"])
+    vc, vp = te.encode([q for q, _ in val] + [""] * len(val))  # [cond; uncond] context and pooled
+    k = len(val)
+    probe = lambda ema: quick_probe(ema, vae, vc[:k], vp[:k], vc[k:], vp[k:], [s for _, s in val], dev)  # noqa: E731
     budget = max(20.0, deadline - time.perf_counter() - reserve)
     ema, n = train_mmdit(lat_mean, lat_std, cap_index, ctx_table, pooled_table, len(uniq) - 1, dev, budget,
-                         args.mmdit_steps, st["batch"], st["lr"], args.seed, info["curves"]["mmdit"], amp, probe=probe)
+                         args.mmdit_steps, st["batch"], st["lr"], args.seed, info["curves"]["mmdit"], amp, probe=probe,
+                         probes=st["probes"])
     info["mmdit_steps"] = n
     info["params"]["mmdit"] = sum(p.numel() for p in ema.parameters())
     te.release()
