@@ -310,6 +310,11 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
     nv = NVML()
     res = {"env": env_info(), "variant": variant, "px": px, "batch": batch, "systems": [], "images": {},
            "sustained": {}, "profiles": {}}
+    missing = [p for p in peers if res["env"].get(p) is None]
+    if missing:  # optional: a peer that is not installed is left out with one line, not a crash after minutes
+        log(f"peers not installed, left out: {', '.join(missing)} (pip install them to compare)")
+        peers = tuple(p for p in peers if p not in missing)
+    res["peers"] = list(peers)
     cfg = get_preset(variant).mmdit
     log(f"{variant} {px}px batch {batch} on {res['env'].get('gpu')} (torch {res['env']['torch']}, "
         f"triton {res['env']['triton']})")

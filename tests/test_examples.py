@@ -10,7 +10,8 @@ from PIL import Image
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name,size", [("txt2img", (128, 128)), ("img2img", (256, 128)), ("step_latents", (8 * 128, 128))])
+@pytest.mark.parametrize("name,size", [("txt2img", (128, 128)), ("img2img", (256, 128)),
+                                       ("step_latents", (8 * 128, 128))])
 def test_example_runs(tmp_path, name, size):
     out = tmp_path / f"{name}.png"
     r = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "-o", str(out)], capture_output=True, text=True,

@@ -76,7 +76,7 @@ from minisd35.weights import save_mmdit, sincos_pos_table  # noqa: E402
 PRESET = get_preset("shapes")
 # Settings per device: (training pictures, VAE batch, MMDiT batch, MMDiT peak LR, share of the training time for the
 # VAE). The CPU column is the fallback schedule: ~20-30 minutes on 2 cores.
-SETTINGS = {"cuda": dict(images=100_000, vae_batch=128, batch=256, lr=6e-4, vae_share=0.25, stats=4096,
+SETTINGS = {"cuda": dict(images=100_000, vae_batch=128, batch=1024, lr=1e-3, vae_share=0.25, stats=4096,
                          probes=5, probe_prompts=32),
             "cpu": dict(images=8_000, vae_batch=8, batch=32, lr=4e-4, vae_share=0.3, stats=1024,
                         probes=2, probe_prompts=16)}
