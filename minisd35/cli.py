@@ -132,7 +132,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(model_path(args), dtype=DTYPES[args.dtype], device=args.device, t5=not args.no_t5,
                          fp8=args.fp8, preset=args.preset, low_vram=args.low_vram, fp8_text=args.fp8_text,
-                         text_encoders=args.text_encoders, vae=args.vae)
+                         text_encoders=args.text_encoders, vae=args.vae, streamed=args.streamed)
     load_s = time.perf_counter() - t0
     kw = dict(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed,
               batch_size=args.batch, sampler=args.sampler)
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-text", help="FP8 policy for T5 (t5-w8)")
     g.add_argument("--no-t5", action="store_true", help="leave T5 out (its tokens are zeros)")
     g.add_argument("--low-vram", action="store_true", help="one component on the GPU at a time")
+    g.add_argument("--streamed", action="store_true", help="low-VRAM, and the MMDiT's blocks stream through the GPU "
+                   "one at a time during each step (for GPUs smaller than the MMDiT)")
     g.add_argument("--device")
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     g.add_argument("--preset", help="force a variant's defaults: sd3-medium, sd3.5-medium, sd3.5-large, ...")

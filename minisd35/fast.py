@@ -159,6 +159,7 @@ class FastMMDiT(nn.Module):
         self.cfg = model.cfg
         self.fast_accum, self.attention_backend, self.gemm = fast_accum, attention, gemm
         self.adaln_kind = None
+        self.streamer = None  # a streaming.BlockStreamer in streamed mode (set by stream())
         if fuse_adaln:  # not for a model that moves between devices: .to() would copy the views apart
             self._fuse_adaln()
 
@@ -298,10 +299,23 @@ class FastMMDiT(nn.Module):
         xt = (tokens + m.cropped_pos_embed(hp, wp)).to(tokens.dtype).reshape(B * hp * wp, -1)
         c = m.t_embedder.mlp(timestep_embedding(t).to(pooled.dtype)) + m.y_embedder.mlp(pooled)
         e = m.context_embedder(context).reshape(B * context.shape[1], -1)
-        mods = self.modulations(c)
-        for i in range(cfg.depth):
-            if i not in skip_layers:
-                e, xt = self.block(i, e, xt, mods[2 * i], mods[2 * i + 1])
+        streamer = self.streamer
+        if streamer is None:
+            mods = self.modulations(c)
+            for i in range(cfg.depth):
+                if i not in skip_layers:
+                    e, xt = self.block(i, e, xt, mods[2 * i], mods[2 * i + 1])
+        else:  # streamed (streaming.BlockStreamer): block i, with its adaLN, is on the GPU only between enter and leave
+            sc = F.silu(c)
+            for i in range(cfg.depth):
+                if i in skip_layers:
+                    continue
+                streamer.enter(i, skip_layers)
+                blk = m.joint_blocks[i]
+                x_mod, e_mod = (b.adaLN_modulation[1](sc.to(b.adaLN_modulation[1].bias.dtype))
+                                for b in (blk.x_block, blk.context_block))
+                e, xt = self.block(i, e, xt, x_mod, e_mod)
+                streamer.leave(i)
         shift, scale = m.final_layer.adaLN_modulation[1](F.silu(c).to(xt.dtype)).chunk(2, dim=1)
         out = m.final_layer.linear(ln_mod(xt, shift, scale, hp * wp))
         C = cfg.out_channels
@@ -342,6 +356,18 @@ class Graphed(nn.Module):
             dst.copy_(src)
         g.replay()
         return out.clone()
+
+
+def stream(model: MMDiT, device: torch.device, *, ahead: int = 1, fast_accum: bool = False,
+           attention: str = "auto", gemm: str = "scaled_mm") -> FastMMDiT:
+    """The fused forward with the joint blocks streamed from pinned CPU memory (streaming.BlockStreamer): for GPUs
+    smaller than the model. No CUDA graph (the weights' addresses change every pass) and no fused adaLN (each block's
+    modulation runs with the block)."""
+    from .streaming import BlockStreamer
+
+    fast = FastMMDiT(model, fast_accum=fast_accum, attention=attention, gemm=gemm, fuse_adaln=False)
+    fast.streamer = BlockStreamer(model, torch.device(device), ahead=ahead)
+    return fast
 
 
 def accelerate(model: MMDiT, *, graphs: bool = True, fast_accum: bool = False, attention: str = "auto",

@@ -44,6 +44,7 @@ from .checkpoint import detect_components, open_file
 from .config import Preset, SamplerDefaults, detect_variant, get_preset
 from .errors import ConfigError, HardwareError, InputError, NumericsError
 from .mmdit import MMDiT
+from .streaming import Parked
 
 
 def default_device() -> torch.device:
@@ -73,6 +74,7 @@ class Timings:
     decode_s: float = 0.0
     steps: int = 0
     peak_gib: float = 0.0  # peak GPU memory allocated during the call (0 on CPU)
+    denoise_peak_gib: float = 0.0  # the same, during the denoising loop only
     stages: dict = field(default_factory=dict)
 
     @property
@@ -91,49 +93,6 @@ def _stage(name: str, device: torch.device, hint: str):
             with contextlib.suppress(RuntimeError):
                 free = f" ({torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB free now)"
         raise HardwareError(f"out of GPU memory while running the {name}{free}: {hint}") from None
-
-
-class Parked:
-    """A module whose weights wait on the CPU and visit the GPU for their stage only.
-
-    Inference never changes a weight, so leaving the GPU costs nothing: the GPU copies are dropped and the module
-    points back at its CPU copies; no device-to-host copy. The CPU copies are pinned (page-locked) when the target
-    is CUDA, so coming in is one DMA per tensor at full PCIe speed; `module.to()` from pageable memory goes through a
-    staging buffer at a fraction of it (on the H100 we measured the T5-XXL round trip at seconds per image). If the
-    OS refuses to pin that much memory, the copies stay pageable (slower, same result)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.module, self.device = module, device
-        self.slots: list[tuple[dict, str, torch.Tensor]] = []  # (a module's _parameters or _buffers, name, CPU copy)
-        pin = device.type == "cuda"
-        for m in module.modules():
-            for store in (m._parameters, m._buffers):
-                for name, t in store.items():
-                    if t is None:
-                        continue
-                    host = t.detach().to("cpu")
-                    if pin:
-                        try:
-                            host = host.pin_memory()
-                        except RuntimeError:
-                            pin = False
-                    self.slots.append((store, name, host))
-        self.pinned = pin
-        self.off()
-
-    def _point(self, make) -> None:
-        for store, name, host in self.slots:
-            t = make(host)
-            if isinstance(store[name], torch.nn.Parameter):  # a new Parameter: .data cannot change device type
-                store[name] = torch.nn.Parameter(t, requires_grad=False)
-            else:
-                store[name] = t
-
-    def on(self) -> None:
-        self._point(lambda h: h.to(self.device, non_blocking=self.pinned))
-
-    def off(self) -> None:
-        self._point(lambda h: h)
 
 
 def check_args(height: int | None, width: int | None, steps: int | None, guidance: float | None, batch_size: int,
@@ -171,7 +130,7 @@ def check_args(height: int | None, width: int | None, steps: int | None, guidanc
 class Pipeline:
     def __init__(self, mmdit: MMDiT, text_loader, vae_loader, *, preset: Preset, device: torch.device,
                  dtype: torch.dtype, low_vram: bool = False, text_encoders: str = "offload", policy: str = "bf16",
-                 source: str = "", fast: bool | None = None):
+                 source: str = "", fast: bool | None = None, streamed: bool = False):
         if text_encoders not in ("offload", "release", "keep"):
             raise InputError(f"text_encoders must be 'offload', 'release' or 'keep', not {text_encoders!r}")
         self.mmdit, self.preset, self.device, self.dtype = mmdit, preset, device, dtype
@@ -190,12 +149,19 @@ class Pipeline:
 
             weight_only_fallback(mmdit, device)
         self.denoiser = mmdit
-        if fast:
+        self.streamed = streamed
+        self._mmdit_parked = None
+        if streamed:  # the joint blocks visit the GPU one at a time during each step (streaming.BlockStreamer)
+            from .fast import stream
+
+            self.denoiser = stream(mmdit, device)
+        elif fast:
             from .fast import accelerate
 
             self.denoiser = accelerate(mmdit, graphs=device.type == "cuda" and not low_vram, fuse_adaln=not low_vram)
-        # low_vram: the MMDiT waits pinned on the CPU and visits the GPU for the denoising loop only
-        self._mmdit_parked = Parked(mmdit, device) if low_vram and device.type == "cuda" else None
+        if low_vram and not streamed and device.type == "cuda":
+            # the MMDiT waits pinned on the CPU and visits the GPU for the denoising loop only
+            self._mmdit_parked = Parked(mmdit, device)
 
     # -- components --------------------------------------------------------------------------------------------------
     @property
@@ -323,6 +289,10 @@ class Pipeline:
             x = sampling.noise(shape, gens, self.device, self.dtype)
 
         t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:  # the denoising loop's own peak; the call's peak is the max of the stages'
+            t.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self._mmdit_parked is not None:
             self._mmdit_parked.on()
         model = self.denoiser
@@ -341,6 +311,9 @@ class Pipeline:
             if self._mmdit_parked is not None:
                 self._mmdit_parked.off()
             t.denoise_s = time.perf_counter() - t0
+            if cuda:
+                t.denoise_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+                t.peak_gib = max(t.peak_gib, t.denoise_peak_gib)
 
     def _safer(self) -> str:
         """What to try after NaN/Inf: a safer precision than the one that failed."""
@@ -370,7 +343,7 @@ class Pipeline:
                                 "the latents to decode hold NaN/Inf: nothing saved. " + self._safer())
         self.timings.decode_s = time.perf_counter() - t0
         if self.device.type == "cuda":
-            self.timings.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.timings.peak_gib = max(self.timings.peak_gib, torch.cuda.max_memory_allocated(self.device) / 2**30)
         return to_pil(images)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **kw) -> list[Image.Image]:
@@ -432,12 +405,14 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
                   t5: bool = True, fp8: str | None = None, preset: str | None = None,
                   text_encoders: str | Path | None = None, vae: str | Path | None = None, low_vram: bool = False,
                   fp8_text: str | None = None, fp8_impl: str | None = None, t5_tokens: int | None = None,
-                  keep_text: str = "offload", fast: bool | None = None) -> Pipeline:
+                  keep_text: str = "offload", fast: bool | None = None, streamed: bool = False) -> Pipeline:
     """Load everything needed for text-to-image. `fp8` names an FP8 policy for the MMDiT ('default', 'row', 'tensor',
     'weight-only' or a policy .json); it is applied while the weights are read, so the bf16 weights are never all in
     memory. `fp8_text` quantises T5 ('t5-w8'). `preset` forces the sampler defaults of a variant and checks the
     MMDiT against it; otherwise the variant is detected from the weights (and 'turbo' in the path picks Large Turbo).
-    `fast` (default: on CUDA) runs the fused forward of fast.py, captured as CUDA graphs."""
+    `fast` (default: on CUDA) runs the fused forward of fast.py, captured as CUDA graphs. `low_vram` keeps one
+    component on the GPU at a time; `streamed` (implies low_vram) goes further: during each step the MMDiT's joint
+    blocks visit the GPU one at a time from pinned CPU memory (streaming.py), for GPUs smaller than the MMDiT."""
     from .fp8 import get_policy
     from .text import load_text_encoders
     from .vae import load_vae
@@ -445,6 +420,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
 
     path = Path(path)
     device = parse_device(device) if device is not None else default_device()
+    low_vram = low_vram or streamed
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder")
     for p in (fp8, fp8_text):  # an unknown policy name fails now, not after minutes of loading
@@ -489,7 +465,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
 
     policy = fp8 if isinstance(fp8, str) else ("file" if any(True for _ in _fp8_layers(mmdit)) else "bf16")
     return Pipeline(mmdit, text_loader, vae_loader, preset=pre, device=device, dtype=dtype, low_vram=low_vram,
-                    text_encoders=keep_text, policy=policy or "bf16", source=str(path), fast=fast)
+                    text_encoders=keep_text, policy=policy or "bf16", source=str(path), fast=fast, streamed=streamed)
 
 
 def _fp8_layers(model):

@@ -45,3 +45,35 @@ def test_fast_bf16_and_weights_shared():
     assert all(torch.equal(before[k], after[k]) for k in before)
     w = ref.joint_blocks[1].x_block.adaLN_modulation[1].weight
     assert w.data_ptr() != before["joint_blocks.1.x_block.adaLN_modulation.1.weight"].data_ptr()
+
+
+@pytest.mark.parametrize("policy", [None, "default"])
+def test_streamed_forward_matches_resident(policy):
+    """Streamed mode (streaming.BlockStreamer): the joint blocks visit the device one at a time, with `ahead` blocks
+    prefetched; the result is exactly the resident fused forward's (same modules, same order of operations), the
+    skipped blocks of skip-layer guidance are neither run nor fetched, and after the pass no block is left on the
+    device. On the CPU the "device" is the CPU, so this checks the bookkeeping; tests/test_gpu.py checks the
+    streams and the memory on a GPU."""
+    from minisd35.fast import stream
+
+    ref = tiny_model(seed=5)
+    if policy:
+        fp8.quantize(ref, policy)
+    x, t, ctx, pooled = tiny_inputs()
+    with torch.no_grad():
+        resident = accelerate(ref, graphs=False, fuse_adaln=False)
+        want, want_skip = resident(x, t, ctx, pooled), resident(x, t, ctx, pooled, skip_layers=[1])
+        streamed = stream(ref, torch.device("cpu"), ahead=1)
+        s = streamed.streamer
+        entered = []
+        enter = s.enter
+        s.enter = lambda i, skip=(): (entered.append((i, sorted(s.ready))), enter(i, skip))[1]
+        got = streamed(x, t, ctx, pooled)
+        assert not s.ready and s.max_resident == 2
+        assert [i for i, _ in entered] == list(range(ref.cfg.depth))
+        assert all(on in ([], [i]) for i, on in entered)  # block i was prefetched by block i-1 (or is the first)
+        entered.clear()
+        got_skip = streamed(x, t, ctx, pooled, skip_layers=[1])
+        assert [i for i, _ in entered] == [i for i in range(ref.cfg.depth) if i != 1]
+        assert all(1 not in on for _, on in entered) and not s.ready
+    assert torch.equal(got, want) and torch.equal(got_skip, want_skip)

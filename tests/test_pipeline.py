@@ -158,3 +158,15 @@ def test_parked_module_round_trip():
     assert all(store[name] is h or store[name].data.data_ptr() == h.data_ptr() for store, name, h in parked.slots)
     assert [h.data_ptr() for _, _, h in parked.slots] == [h.data_ptr() for h in hosts]
     assert torch.equal(model(x, t, ctx, pooled), before)
+
+
+def test_streamed_pipeline_same_latents(root, ours):
+    """load_pipeline(streamed=True): the whole pipeline with the MMDiT's blocks streamed gives the latents of the
+    resident fused forward exactly, and stays within fp32 rounding of the plain reference model."""
+    kw = dict(prompt="a red cube", seed=3, steps=3, guidance=4.0, height=64, width=48)
+    streamed = load_pipeline(root, dtype=torch.float32, device="cpu", streamed=True)
+    assert streamed.streamed and streamed.low_vram and streamed.denoiser.streamer is not None
+    resident = load_pipeline(root, dtype=torch.float32, device="cpu", fast=True, low_vram=True)
+    got, want = run_ours(streamed, **kw), run_ours(resident, **kw)
+    assert torch.equal(got, want)
+    assert rel_rms(got, run_ours(ours, **kw)) < 1e-5
