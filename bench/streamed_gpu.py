@@ -70,6 +70,13 @@ def main() -> None:
     res["runs"].append(rec)
     print(rec["mode"], f"{rec['ms']:.1f} ms/step, weights {weights:.2f} GiB, peak {rec['peak_gib']:.2f} GiB",
           flush=True)
+    # two more references on the same weights: the fused forward without the batched adaLN GEMV (what the streamed
+    # forward runs, block by block), and the plain model (mmdit.py with FP8Linear): their differences to the resident
+    # run are the yardstick for the streamed run's
+    unfused = accelerate(model, graphs=False, fuse_adaln=False)(*inputs).float()
+    plain = model(*inputs).float()
+    res["resident_vs_unfused"], res["resident_vs_plain"] = rel_rms(ref, unfused), rel_rms(ref, plain)
+    print(f"resident vs unfused adaLN {res['resident_vs_unfused']:.2e}, vs plain {res['resident_vs_plain']:.2e}")
     fast = None  # frees the CUDA graphs and the fused adaLN buffer
     gc.collect()
     torch.cuda.empty_cache()
@@ -88,12 +95,14 @@ def main() -> None:
         rec = {"mode": f"streamed, ahead {ahead}", "ms": statistics.median(ms), "ms_all": ms,
                "resident_gib": resident, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
                "max_blocks_on_gpu": s.streamer.max_resident, "pinned": all(p.pinned for p in s.streamer.parked),
-               "rel_rms_vs_resident": rel_rms(out, ref)}
+               "rel_rms_vs_resident": rel_rms(out, ref), "rel_rms_vs_unfused": rel_rms(out, unfused),
+               "rel_rms_vs_plain": rel_rms(out, plain)}
         rec["vs_resident"] = rec["ms"] / res["runs"][0]["ms"]
         res["runs"].append(rec)
         print(rec["mode"], f"{rec['ms']:.1f} ms/step ({rec['vs_resident']:.2f}x resident), resident part "
               f"{resident:.2f} GiB, peak {rec['peak_gib']:.2f} GiB, blocks on GPU <= {rec['max_blocks_on_gpu']}, "
-              f"err {rec['rel_rms_vs_resident']:.2e}", flush=True)
+              f"err vs resident {rec['rel_rms_vs_resident']:.2e}, vs unfused {rec['rel_rms_vs_unfused']:.2e}, vs plain "
+              f"{rec['rel_rms_vs_plain']:.2e}", flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
 
