@@ -21,25 +21,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from minisd35 import fp8  # noqa: E402
+from minisd35.bench import cuda_times as timed  # noqa: E402
 from minisd35.bench import env_info, random_mmdit, rel_rms, step_inputs  # noqa: E402
 from minisd35.config import get_preset  # noqa: E402
 from minisd35.fast import accelerate, stream  # noqa: E402
 
 GIB = 2**30
-
-
-def timed(fn, iters: int = 10) -> list[float]:
-    for _ in range(2):
-        fn()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
 
 
 @torch.inference_mode()
