@@ -131,7 +131,7 @@ def test_parked_module_round_trip():
     trip are bit-identical. The meta device stands in for the GPU here (no data, but every tensor must move)."""
     from minisd35.config import get_preset
     from minisd35.mmdit import MMDiT
-    from minisd35.pipeline import Parked
+    from minisd35.streaming import Parked
     from minisd35.weights import random_mmdit_state
 
     cfg = get_preset("tiny").mmdit
