@@ -8,47 +8,20 @@ in fp32 first under the interpreter (ROUND_FIRST); its bf16 tl.dot is broken, so
 multiplies in fp32 there. GEMM outputs are compared in fp32 (tight: the same quantised operands, only the
 summation order differs) and in bf16, where the interpreter's truncating cast costs up to one bf16 ulp (1e-2).
 
-TRITON_INTERPRET=1 must be set before the kernels are decorated (when kernels.* is first imported); if some
-earlier import already compiled them for a GPU, they are re-imported here under the interpreter. On a machine with
-a GPU the module sets nothing (the flag is process-wide) and the same tests run on CUDA tensors against the
-compiled kernels, where they also hold, but autotune the full GPU config lists (minutes, not seconds).
+The interpreter set-up and the ahead-of-time compile helper are shared with test_kernels_fused.py (kernel_env.py).
+On a machine with a GPU the same tests run on CUDA tensors against the compiled kernels, where they also hold, but
+autotune the full GPU config lists (minutes, not seconds).
 """
-
-import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_env import E4M3, codes, kernel_device, randn, run_aot
 
-if not torch.cuda.is_available():  # on a GPU machine leave the env alone: other tests there want compiled kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
-
-from kernels import _common, fp8_dequant_gemm, fp8_gemm, fp8_quant, ln_mod_quant  # noqa: E402
+from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, ln_mod_quant  # noqa: E402
 from minisd35.errors import InputError  # noqa: E402
 
-
-def _interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    while kernel is not None:
-        if isinstance(kernel, InterpretedFunction):
-            return True
-        kernel = getattr(kernel, "fn", None)
-    return False
-
-
-if _common.interpreting() and not _interpreted(fp8_quant._quant_kernel):  # imported earlier without the interpreter
-    for _m in (_common, fp8_quant, fp8_gemm, fp8_dequant_gemm, ln_mod_quant):
-        importlib.reload(_m)
-
-if _common.interpreting():
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: nothing can run the kernels", allow_module_level=True)
+DEV = kernel_device((fp8_quant, fp8_gemm, fp8_dequant_gemm, ln_mod_quant), fp8_quant._quant_kernel)
 
 from kernels._common import rel_rms  # noqa: E402
 from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref  # noqa: E402
@@ -57,18 +30,6 @@ from kernels.fp8_gemm import fp8_gemm_ref, scaled_mm  # noqa: E402
 from kernels.fp8_quant import quant_fp8, quant_fp8_ref  # noqa: E402
 from kernels.ln_mod_quant import ln_mod, ln_mod_quant_ref, ln_mod_ref  # noqa: E402
 from kernels.ln_mod_quant import ln_mod_quant as lnq  # noqa: E402
-
-E4M3 = torch.float8_e4m3fn
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
-
-
-def codes(q: torch.Tensor) -> torch.Tensor:
-    return q.view(torch.uint8).cpu()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # quant_fp8
@@ -381,37 +342,6 @@ def test_ln_mod_quant_constant_row_and_bad_arguments():
 # beyond the device, a main loop that is not software-pipelined, a "precise" accumulation that got fused away.
 
 _AOT_SCRIPT = r'''
-import json, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, ln_mod_quant
-
-def jit_fn(k):
-    while not isinstance(k, triton.runtime.jit.JITFunction):
-        k = k.fn
-    return k
-
-out = []
-def build(name, kernel, sig, consts, arch, cfg=None, warps=4, stages=3, **options):
-    fn = jit_fn(kernel)
-    if cfg is not None:
-        consts, warps, stages = {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
-    signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
-    # what the launcher attaches at run time: 16-byte aligned pointers, strides / N / K divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")
-             or (signature[n] == "i32" and (n.startswith("stride") or n in ("N", "K")))}
-    rec = {"name": name, "arch": arch}
-    try:
-        k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": warps, "num_stages": stages, **options})
-        ptx = k.asm["ptx"]
-        rec.update(ok=True, shared=k.metadata.shared, fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"))
-    except Exception as e:
-        rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
-    out.append(rec)
-
 q_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_ptr": "*fp32", "M": "i32", "K": "i32",
          "stride_xm": "i32"}
 for mode in range(4):
@@ -472,31 +402,12 @@ for quant in (True, False):
     build(f"ln_mod quant={quant}", ln_mod_quant._ln_mod_kernel, l_sig if quant else {**l_sig, "y_ptr": "*bf16"},
           dict(QUANT=quant, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
                Y_DT=tl.bfloat16, BLOCK_M=2, BLOCK_K=4096), 90, warps=8, enable_fp_fusion=False)  # as launched
-json.dump(out, sys.stdout)
 '''
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_the_gpu():
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the compiled path, in a fresh process
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0 and "ptxas" in proc.stderr:
-        pytest.skip(f"no usable ptxas: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    builds = {(r["name"], r["arch"]): r for r in json.loads(proc.stdout)}
-    failed = [f"{n} sm{a}: {r['error']}" for (n, a), r in builds.items() if not r["ok"]]
-    assert not failed, "\n".join(failed)
+    builds = {(r["name"], r["arch"]): r for r in run_aot(_AOT_SCRIPT)}
     smem_limit = {90: 227 * 1024, 89: 99 * 1024, 80: 163 * 1024}  # the most one program may use: H100, L40/4090, A100
     for (name, arch), r in builds.items():
         assert r["shared"] <= smem_limit[arch], (name, arch, r["shared"])

@@ -4,44 +4,19 @@ into the attention buffers), gelu_quant (GELU + per-token FP8), the weight-only 
 (dequant_weight + F.linear) and the FP8 GEMM's accumulation variants.
 
 Shapes are small and odd (L = 5 and 7 tokens, 3 heads, hd 16 / 24 / 64, rows that are not multiples of the CPU
-block sizes). See test_kernels.py for how the interpreter is set up and where it is not faithful to the GPU."""
-
-import importlib
-import os
+block sizes). See kernel_env.py for how the interpreter is set up and test_kernels.py for where it is not
+faithful to the GPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_env import E4M3, codes, kernel_device, randn, run_aot
 from torch import nn
 
-if not torch.cuda.is_available():  # on a GPU machine leave the env alone: other tests there want compiled kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
-
-from kernels import _common, fp8_dequant_gemm, fp8_gemm, fp8_quant, gelu_quant, qk_norm  # noqa: E402
+from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, gelu_quant, qk_norm  # noqa: E402
 from minisd35.errors import InputError  # noqa: E402
 
-
-def _interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    while kernel is not None:
-        if isinstance(kernel, InterpretedFunction):
-            return True
-        kernel = getattr(kernel, "fn", None)
-    return False
-
-
-if _common.interpreting() and not _interpreted(qk_norm._qk_norm_kernel):  # imported earlier without the interpreter
-    for _m in (_common, fp8_quant, fp8_gemm, fp8_dequant_gemm, gelu_quant, qk_norm):
-        importlib.reload(_m)
-
-if _common.interpreting():
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: nothing can run the kernels", allow_module_level=True)
+DEV = kernel_device((fp8_quant, fp8_gemm, fp8_dequant_gemm, gelu_quant, qk_norm), qk_norm._qk_norm_kernel)
 
 from kernels._common import rel_rms  # noqa: E402
 from kernels.fp8_dequant_gemm import DEQUANT_ROUTE_MIN_M, dequant_gemm, dequant_gemm_ref, dequant_weight  # noqa: E402
@@ -50,18 +25,6 @@ from kernels.gelu_quant import gelu_quant as gq  # noqa: E402
 from kernels.gelu_quant import gelu_quant_ref  # noqa: E402
 from kernels.qk_norm import qk_norm_split, qk_norm_split_ref  # noqa: E402
 from minisd35 import fast, mmdit  # noqa: E402
-
-E4M3 = torch.float8_e4m3fn
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
-
-
-def codes(q: torch.Tensor) -> torch.Tensor:
-    return q.view(torch.uint8).cpu()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # qk_norm_split
@@ -301,49 +264,6 @@ def test_fp8_gemm_variant_arguments():
 # being split into producer and consumers, no register spills).
 
 _AOT_SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, gelu_quant, ln_mod_quant, qk_norm
-
-def jit_fn(k):
-    while not isinstance(k, triton.runtime.jit.JITFunction):
-        k = k.fn
-    return k
-
-def stack_bytes(cubin):  # per-thread stack (register spills) from the bundled cuobjdump, None if unavailable
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"STACK:(\d+)", out)
-    return int(m.group(1)) if m else None
-
-out = []
-def build(name, kernel, sig, consts, arch=90, warps=4, stages=3, cfg=None, **options):
-    fn = jit_fn(kernel)
-    if cfg is not None:
-        consts, warps, stages = {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
-    signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")
-             or (signature[n] == "i32" and (n.startswith("stride") or n in ("N", "K")))}
-    rec = {"name": name, "arch": arch}
-    try:
-        k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": warps, "num_stages": stages, **options})
-        ptx = k.asm["ptx"]
-        rec.update(ok=True, shared=k.metadata.shared, stack=stack_bytes(k.asm["cubin"]),
-                   fma=len(re.findall(r"\bfma\.rn\.f32", ptx)), v4_loads=len(re.findall(r"ld\.global[\.\w]*\.v4", ptx)),
-                   satfinite=ptx.count("cvt.rn.satfinite.e4m3x2"), setmaxnreg=ptx.count("setmaxnreg"),
-                   fadd=ptx.count("add.f32"))
-    except Exception as e:
-        rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
-    out.append(rec)
-
 qk_sig = {"qkv_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
           "v_ptr": "*bf16", "L": "i32", "heads": "i32", "Ltot": "i32", "offset": "i32", "stride_row": "i32",
           "eps": "fp32"}
@@ -404,31 +324,12 @@ for name, cfgs, ws, bm, bn, acc, epi in [
     c = pick(cfgs, bm, bn)
     build(f"gemm {name}", fp8_gemm._fp8_gemm_tma_body, gemm_sig(c), dict(A_PER_ROW=True, W_PER_COL=True,
           HAS_BIAS=True, ACC_MODE=acc, WARP_SPEC=ws, PROMOTE=min(c.kwargs["BLOCK_K"], 128), **epi), cfg=c)
-json.dump(out, sys.stdout)
 '''
 
 
 @pytest.mark.slow
 def test_fused_kernels_compile_for_the_gpu():
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0 and "ptxas" in proc.stderr:
-        pytest.skip(f"no usable ptxas: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    builds = {r["name"]: r for r in json.loads(proc.stdout)}
-    failed = [f"{n}: {r['error']}" for n, r in builds.items() if not r["ok"]]
-    assert not failed, "\n".join(failed)
+    builds = {r["name"]: r for r in run_aot(_AOT_SCRIPT)}
     for name, r in builds.items():
         assert r["shared"] <= {90: 227, 89: 99, 80: 163}[r["arch"]] * 1024, name
         assert r["stack"] in (0, None), f"{name}: {r['stack']} bytes of register spills"
