@@ -36,6 +36,19 @@ MAX_ROW_TILE = 16384  # widest row that the row-wise kernels (quant, LayerNorm) 
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M consecutive row tiles share each column
+    tile, so the weight tile a group reads is still hot in L2 when the next row tile needs it (the Triton matmul
+    tutorial's "super-grouping")."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + ((pid % group) % group_m), (pid % group) // group_m
+
+
+@triton.jit
 def round_to_e4m3_grid(q):
     """Round fp32 q (|q| <= 448) to the nearest E4M3 value, ties to even, staying in fp32.
 

@@ -67,7 +67,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import FP8, capability, check_device, check_scale, check_tensor, on_device, pick_configs
+from kernels._common import (
+    FP8,
+    capability,
+    check_device,
+    check_scale,
+    check_tensor,
+    grouped_tile,
+    on_device,
+    pick_configs,
+)
 from minisd35.errors import HardwareError, InputError
 
 ACTS = ("none", "gelu_tanh")
@@ -138,14 +147,7 @@ def _fp8_gemm_kernel(
     EVEN_K: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     # grouped tile order: GROUP_M consecutive row-tiles share each column-tile while it is hot in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % group_m)
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -264,14 +266,7 @@ def _fp8_gemm_tma_body(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PROMOTE: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # grouped tile order, as in _fp8_gemm_kernel
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % group_m)
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)  # as in _fp8_gemm_kernel
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
