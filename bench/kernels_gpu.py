@@ -113,6 +113,17 @@ class Bench:
         if self.dev == "cuda":
             torch.cuda.synchronize()
 
+    def bandwidth(self, moved: int, copy_gbps: float, fn, *args) -> dict:
+        """Time a memory-bound fn(*args) that moves `moved` bytes: ms, GB/s and % of the copy bandwidth, eager and
+        (on CUDA) replayed in a CUDA graph: GPU time alone, as eager calls of a ~20 us kernel are bound by the
+        host-side launch."""
+        rec = self.time(fn, *args)
+        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
+        if self.dev == "cuda":
+            rec["graph_ms"] = self.time(fn, *args, graph=True)["ms"]
+            rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
+        return rec
+
     def time(self, fn, *args, graph: bool = False, **kwargs) -> dict:
         """Time fn(*args, **kwargs): one warm-up call (which runs the autotuner the first time), then the median
         and the 20th / 80th percentiles in ms; graph=True replays it inside a CUDA graph (no launch overhead)."""
@@ -269,14 +280,8 @@ def bench_quant(b: Bench, copy_gbps: float) -> dict:
         deq = lambda q, s: q.float() * (s[:, None] if s.numel() > 1 else s)
         rec = {"codes_differ": (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item(),
                "rel_err": rel_rms(deq(q, s), deq(qr, sr)), "scales_equal": bool(torch.equal(s, sr))}
-        rec.update(b.time(quant_fp8, x, per_token))
-        rec["config"] = tuned(Q._quant_kernel)
-        moved = x.numel() * (x.element_size() + 1)
-        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps,
-                   torch_ref_ms=b.time(quant_fp8_ref, x, per_token)["ms"])
-        if b.dev == "cuda":  # GPU time alone: eager calls of a ~20 us kernel are bound by the host-side launch
-            rec["graph_ms"] = b.time(quant_fp8, x, per_token, graph=True)["ms"]
-            rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
+        rec.update(b.bandwidth(x.numel() * (x.element_size() + 1), copy_gbps, quant_fp8, x, per_token))
+        rec.update(config=tuned(Q._quant_kernel), torch_ref_ms=b.time(quant_fp8_ref, x, per_token)["ms"])
         return rec
 
     rows = []
@@ -468,13 +473,9 @@ def bench_ln(b: Bench, copy_gbps: float) -> dict:
                    "codes_differ": (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item()}
         elif check == "bf16":
             rec = {"rel_err_vs_ref": rel_rms(ln_mod(x, shift, scale, L), ln_mod_ref(x, shift, scale, L))}
-        rec.update(b.time(fn, x, shift, scale, L))
-        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
+        rec.update(b.bandwidth(moved, copy_gbps, fn, x, shift, scale, L))
         if fn in (ln_mod_quant, ln_mod):
             rec["config"] = tuned(LN._ln_mod_kernel)
-        if b.dev == "cuda":  # GPU time alone, without the host-side launch cost
-            rec["graph_ms"] = b.time(fn, x, shift, scale, L, graph=True)["ms"]
-            rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
         return rec
 
     rows = []
@@ -523,11 +524,7 @@ def bench_qk_norm(b: Bench, copy_gbps: float) -> dict:
                           for a, r in zip(bufs[:2], bufs[3:5]))
                 rec = {"differ": sum(d.float().sum().item() for d in diff) / sum(d.numel() for d in diff),
                        "v_equal": bool(torch.equal(bufs[2], bufs[5])), "max_ulps": ulp}
-            rec.update(b.time(fn))
-            rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
-            if b.dev == "cuda":
-                rec["graph_ms"] = b.time(fn, graph=True)["ms"]
-                rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
+            rec.update(b.bandwidth(moved, copy_gbps, fn))
             return rec
 
         for impl, fn, check in [
@@ -559,12 +556,7 @@ def bench_gelu_quant(b: Bench, copy_gbps: float) -> dict:
             rec = {"codes_differ": (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item(),
                    "scales_equal": bool(torch.equal(s, sr)),
                    "rel_err": rel_rms(q.float() * s[:, None], qr.float() * sr[:, None])}
-        rec.update(b.time(fn, h))
-        moved = h.numel() * (h.element_size() + 1) + 4 * h.shape[0]
-        rec.update(GBps=moved / rec["ms"] * 1e-6, pct_copy=100 * moved / rec["ms"] * 1e-6 / copy_gbps)
-        if b.dev == "cuda":
-            rec["graph_ms"] = b.time(fn, h, graph=True)["ms"]
-            rec["graph_pct_copy"] = 100 * moved / rec["graph_ms"] * 1e-6 / copy_gbps
+        rec.update(b.bandwidth(h.numel() * (h.element_size() + 1) + 4 * h.shape[0], copy_gbps, fn, h))
         return rec
 
     rows = []
