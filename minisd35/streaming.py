@@ -24,6 +24,11 @@ import torch
 from torch import nn
 
 
+def _put(store: dict, name: str, t: torch.Tensor) -> None:
+    """store[name] = t, as a new Parameter where a Parameter was (.data cannot change the device type)."""
+    store[name] = nn.Parameter(t, requires_grad=False) if isinstance(store[name], nn.Parameter) else t
+
+
 class Parked:
     """A module whose weights wait on the CPU and visit the GPU for their stage only.
 
@@ -33,7 +38,7 @@ class Parked:
     staging buffer at a fraction of it (on the H100 we measured the T5-XXL round trip at seconds per image). If the
     OS refuses to pin that much memory, the copies stay pageable (slower, same result)."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
+    def __init__(self, module: nn.Module, device: torch.device):
         self.module, self.device = module, device
         self.slots: list[tuple[dict, str, torch.Tensor]] = []  # (a module's _parameters or _buffers, name, CPU copy)
         pin = device.type == "cuda"
@@ -54,11 +59,7 @@ class Parked:
 
     def _point(self, make) -> None:
         for store, name, host in self.slots:
-            t = make(host)
-            if isinstance(store[name], torch.nn.Parameter):  # a new Parameter: .data cannot change device type
-                store[name] = torch.nn.Parameter(t, requires_grad=False)
-            else:
-                store[name] = t
+            _put(store, name, make(host))
 
     def on(self) -> None:
         self._point(lambda h: h.to(self.device, non_blocking=self.pinned))
@@ -76,19 +77,12 @@ class BlockStreamer:
     def __init__(self, model: nn.Module, device: torch.device, ahead: int = 1):
         self.device, self.ahead = device, ahead
         blocks = model.joint_blocks
-        keep = set()
-        for b in blocks:  # everything that is not inside a joint block goes to the device for good
-            keep.update(id(t) for t in b.parameters())
-            keep.update(id(t) for t in b.buffers())
-        for m in model.modules():
-            if any(m is b for b in blocks):
-                continue
+        in_blocks = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+        for m in model.modules():  # everything that is not inside a joint block goes to the device for good
             for store in (m._parameters, m._buffers):
                 for name, t in store.items():
-                    if t is None or id(t) in keep:
-                        continue
-                    moved = t.detach().to(device)
-                    store[name] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+                    if t is not None and id(t) not in in_blocks:
+                        _put(store, name, t.detach().to(device))
         self.parked = [Parked(b, device) for b in blocks]
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
