@@ -140,7 +140,6 @@ class Pipeline:
         self.low_vram, self.text_mode, self.policy, self.source = low_vram, text_encoders, policy, source
         self._text_loader, self._vae_loader = text_loader, vae_loader
         self._text, self._vae = None, None
-        self._text_parked: list[Parked] | None = None
         self.timings = Timings()
         # The fused forward (fast.py) on CUDA unless asked otherwise; the plain model is its reference. CUDA graphs
         # need the model to stay put, so low_vram (which moves it) runs the fused forward without graphs.
@@ -183,26 +182,18 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         te = self.text_encoders()
-        parked = self.text_mode == "offload" and self.device.type == "cuda"
-        if parked:  # the encoders wait pinned on the CPU (Parked) and visit the GPU for this call only
-            if self._text_parked is None:
-                te.load()
-                self._text_parked = [Parked(te.model(role), self.device) for role in te.files]
-            for p in self._text_parked:
-                p.on()
-            te.device = self.device
-        else:
-            te.to(self.device)
+        offload = self.text_mode == "offload" and self.device.type == "cuda"
+        if offload and not te.parked:  # they wait in pinned CPU memory and visit the GPU for each call
+            te.park(self.device)
+        te.to(self.device)
         try:
             ctx, pooled = te.encode(prompts)
         finally:
             if self.text_mode == "release":
                 te.release()
                 self._text = None
-            elif parked:
-                for p in self._text_parked:
-                    p.off()
-                te.device = torch.device("cpu")
+            elif offload:
+                te.to("cpu")
         return ctx.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
 
     # -- argument checks ---------------------------------------------------------------------------------------------

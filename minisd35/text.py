@@ -464,6 +464,7 @@ class TextEncoders:
         self.t5_tokens = check_t5_length(t5_tokens)
         self.context_dim = context_dim
         self._models: dict[str, torch.nn.Module] = {}
+        self._parked: dict = {}  # role -> streaming.Parked, after park()
         clip_width = files["clip_l"].config.width + files["clip_g"].config.width
         if clip_width > context_dim:
             raise ConfigError(f"CLIP-L + CLIP-G are {clip_width} channels wide, more than the context width "
@@ -522,15 +523,37 @@ class TextEncoders:
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
 
+    @property
+    def parked(self) -> bool:
+        return bool(self._parked)
+
+    def park(self, device: str | torch.device) -> TextEncoders:
+        """Load the weights and keep them in pinned CPU memory (streaming.Parked), for encoders that visit `device`
+        for each prompt: to(device) is then one DMA per tensor, and to("cpu") drops the device copies instead of
+        copying them back."""
+        from .streaming import Parked
+
+        self.to("cpu").load()
+        self._parked = {role: Parked(m, torch.device(device)) for role, m in self._models.items()}
+        return self
+
     def to(self, device: str | torch.device) -> TextEncoders:
         self.device = torch.device(device)
-        for m in self._models.values():
-            m.to(self.device)
+        for role, m in self._models.items():
+            parked = self._parked.get(role)
+            if parked is None:
+                m.to(self.device)
+            elif self.device.type == "cpu":
+                parked.off()
+            else:
+                parked.device = self.device
+                parked.on()
         return self
 
     def release(self) -> None:
         """Drop the weights (they reload on the next encode)."""
         self._models.clear()
+        self._parked.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -170,3 +170,22 @@ def test_streamed_pipeline_same_latents(root, ours):
     got, want = run_ours(streamed, **kw), run_ours(resident, **kw)
     assert torch.equal(got, want)
     assert rel_rms(got, run_ours(ours, **kw)) < 1e-5
+
+
+def test_parked_text_encoders(root):
+    """TextEncoders.park (the pipeline's text-encoder offload on CUDA): the weights stay loaded in one CPU copy that
+    to(device) uploads and to("cpu") points back at, and the prompts encode exactly as before. The CPU stands in for
+    the GPU here."""
+    from minisd35.text import load_text_encoders
+
+    te = load_text_encoders(root, dtype=torch.float32)
+    want = te.encode(["a red cube", ""])
+    te.park("cpu")
+    assert te.parked
+    hosts = {h.data_ptr() for p in te._parked.values() for _, _, h in p.slots}
+    te.to("cpu")
+    assert all(t.data_ptr() in hosts for m in te._models.values() for t in (*m.parameters(), *m.buffers()))
+    got = te.encode(["a red cube", ""])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    te.release()
+    assert not te.parked
