@@ -670,21 +670,16 @@ def targets(res: dict) -> list[dict]:
     def rows(sec):
         return res.get(sec, {}).get("rows", []) if isinstance(res.get(sec), dict) else []
 
-    for r in rows("quant"):
-        if r.get("mode") == "per-token" and "pct_copy" in r:
-            best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
-            out.append({"target": f"quant_fp8 per-token K={r['K']} >= 80% of copy GB/s (do_bench; graph)",
-                        "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= 80})
-    for r in rows("qk_norm"):
-        if r.get("impl") == "triton qk_norm_split" and "pct_copy" in r:
-            best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
-            out.append({"target": f"qk_norm_split {r['case']} >= 70% of copy GB/s (do_bench; graph)",
-                        "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= 70})
-    for r in rows("gelu_quant"):
-        if r.get("impl") == "triton gelu_quant" and "pct_copy" in r:
-            best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
-            out.append({"target": f"gelu_quant N={r['N']} >= 80% of copy GB/s (do_bench; graph)",
-                        "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= 80})
+    memory_bound = [  # (section, which rows, what, target % of the copy bandwidth)
+        ("quant", lambda r: r.get("mode") == "per-token", lambda r: f"quant_fp8 per-token K={r['K']}", 80),
+        ("qk_norm", lambda r: r.get("impl") == "triton qk_norm_split", lambda r: f"qk_norm_split {r['case']}", 70),
+        ("gelu_quant", lambda r: r.get("impl") == "triton gelu_quant", lambda r: f"gelu_quant N={r['N']}", 80)]
+    for sec, pick, what, pct in memory_bound:
+        for r in rows(sec):
+            if pick(r) and "pct_copy" in r:
+                best = max(r["pct_copy"], r.get("graph_pct_copy", 0))
+                out.append({"target": f"{what(r)} >= {pct}% of copy GB/s (do_bench; graph)",
+                            "value": r["pct_copy"], "graph_value": r.get("graph_pct_copy"), "met": best >= pct})
     for r in rows("routes"):
         if r.get("auto_takes_it") and r.get("M") == M_TOKENS and "time_vs_linear" in r:
             out.append({"target": f"weight-only {r['layer']} M={r['M']} auto route ({r['impl']}) <= 1.15x F.linear",
