@@ -55,7 +55,7 @@ def run(model: Path, precision: str, prompts: list[str], seeds: list[int], devic
     t0 = time.perf_counter()
     images = S.generate(pipe, prompts, seeds, steps=steps, guidance=guidance)
     meta = {"seconds": round(time.perf_counter() - t0, 1), "steps": steps or pipe.defaults.steps,
-            "guidance": pipe.defaults.guidance if guidance is None else guidance}
+            "guidance": pipe.defaults.guidance if guidance is None else guidance, "sampler": pipe.defaults.sampler}
     report = getattr(pipe.mmdit, "quant_report", None)
     if report is not None:
         meta["layers"] = str(report)

@@ -195,11 +195,12 @@ PRESETS: dict[str, Preset] = {
     # latents, 64 image tokens, and a small shape spans 4x4 latents instead of 2x2. 77 CLIP + 24 T5 text tokens.
     # Frozen random text encoders (CLIP-L 64 + CLIP-G 64 = pooled 128 = T5 width = context width). The VAE's latent
     # scale/shift here are SD3's placeholders: the trained values are in weights/shapes/vae/config.json.
+    # DPM++ 2M: chosen over Euler on validation and tuning prompts (weights/shapes/README.md, 'Sampler settings').
     "shapes": Preset(
         "shapes",
         MMDiTConfig(depth=5, heads=2, head_dim=64, context_dim=128, pooled_dim=128, pos_embed_max_size=16, qk_norm=True,
                     dual_attention_layers=(0, 1), sample_size=16),
-        SamplerDefaults(steps=20, guidance=5.0, shift=1.0, t5_tokens=24, height=64, width=64),
+        SamplerDefaults(steps=20, guidance=5.0, shift=1.0, sampler="dpmpp_2m", t5_tokens=24, height=64, width=64),
         clip_l=CLIPConfig(width=64, layers=2, heads=2, mlp_dim=128, vocab_size=1000, projection_dim=64,
                           eos_token_id=999, pad_token_id=999),
         clip_g=CLIPConfig(width=64, layers=2, heads=2, mlp_dim=128, act="gelu", vocab_size=1000, projection_dim=64,

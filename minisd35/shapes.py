@@ -140,6 +140,13 @@ def heldout_prompts(split: str = "test", n: int | None = None) -> list[tuple[str
     return out[:n] if n is not None else out
 
 
+def tuning_prompts(n: int = 400) -> list[tuple[str, Scene]]:
+    """n fixed prompts of combinations training does draw, for choosing sampler settings without touching the test
+    prompts (the 77 val prompts alone are too few: one picture is 1.3%). Draw them from seeds 10000 + k."""
+    scenes = [s for s in all_scenes() if not is_heldout(s)]
+    return [(s.caption(), s) for s in random.Random(HELDOUT_SEED + 3).sample(scenes, n)]
+
+
 def random_scene(rng: random.Random) -> Scene:
     """A uniformly drawn training scene (held-out combinations are redrawn)."""
     while True:
@@ -343,7 +350,7 @@ def accuracy(images: list[Image.Image], scenes: list[Scene]) -> dict[str, float]
 # Generating an evaluation set with a loaded pipeline
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = None, guidance: float | None = None,
-             negative: str = "", batch: int = 64) -> list[Image.Image]:
+             sampler: str | None = None, negative: str = "", batch: int = 64) -> list[Image.Image]:
     """Image k for prompts[k] from noise seed seeds[k], in batches: the same noise, conditioning, CFG order and
     sampler as `pipe(prompts[k], seed=seeds[k])` (equal up to the rounding of a bigger batch), several times faster
     than one call per prompt. `pipe` is a minisd35.pipeline.Pipeline (bf16, FP8, on any device)."""
@@ -356,6 +363,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = 
     d = pipe.defaults
     steps = d.steps if steps is None else steps
     guidance = d.guidance if guidance is None else guidance
+    sampler = sampler or d.sampler
     f = pipe.preset.vae.downscale
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
@@ -367,6 +375,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = 
         shape = (B, pipe.mmdit.cfg.in_channels, d.height // f, d.width // f)
         x = sampling.noise(shape, [torch.Generator("cpu").manual_seed(s) for s in ss], pipe.device, pipe.dtype)
         x = sampling.sample(pipe.mmdit, x, ctx, pooled, *neg, sigmas=sampling.sigmas(steps, d.shift),
-                            guidance=guidance, sampler=d.sampler)
+                            guidance=guidance, sampler=sampler)
         out += pipe.decode(x)
     return out

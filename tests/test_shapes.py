@@ -100,6 +100,9 @@ def test_heldout_split():
     assert all((s.shape, s.colour) in S.NOVEL_PAIRS for _, s in novel)
     assert test[0][0] == S.heldout_prompts("test")[0][0] == test[0][1].caption()
     assert test[0][0] == "a large orange square at the bottom, black background"
+    tune = S.tuning_prompts()  # chooses sampler settings: drawn from training combinations, never held out
+    assert len({s for _, s in tune}) == 400 and not any(S.is_heldout(s) for _, s in tune)
+    assert tune == S.tuning_prompts() and tune[0][0] == "a small red square at the bottom left, yellow background"
 
 
 def test_captions_are_single_tokens_and_fit():
@@ -186,7 +189,9 @@ def test_shipped_model_loads_through_the_sd35_loaders():
 @needs_weights
 def test_shipped_model_matches_diffusers():
     """diffusers' StableDiffusion3Pipeline reads the same folder and, from the same noise, reaches the same latents
-    (fp32, 3 steps with CFG)."""
+    (fp32, 3 steps with CFG). The folder's scheduler/ is diffusers' flow-matching Euler, so ours runs Euler here
+    (minisd35's shapes preset defaults to DPM++ 2M, which test_sampling checks against the Stability reference's
+    sample_dpmpp_2m written out in float64)."""
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     from minisd35.pipeline import load_pipeline
@@ -194,7 +199,7 @@ def test_shipped_model_matches_diffusers():
     ref = diffusers.StableDiffusion3Pipeline.from_pretrained(SHAPES_DIR, torch_dtype=torch.float32)
     ours = load_pipeline(SHAPES_DIR, dtype=torch.float32, device="cpu")
     prompt = "a small red circle on the left, blue background"
-    *_, last = ours.steps(prompt, seed=5, steps=3, guidance=5.0)
+    *_, last = ours.steps(prompt, seed=5, steps=3, guidance=5.0, sampler="euler")
     theirs = ref(prompt=prompt, generator=torch.Generator("cpu").manual_seed(5), height=64, width=64,
                  num_inference_steps=3, guidance_scale=5.0, max_sequence_length=24, output_type="latent").images
     err = float((last.latents.double() - theirs.double()).norm() / theirs.double().norm())
