@@ -27,7 +27,8 @@ Stages, each time-boxed so that the whole run ends within --minutes and always s
 5. save      transformer/ (diffusers layout) and sd3_shapes.safetensors (Stability single file, the same EMA
              weights), bf16, via weights.save_mmdit; scheduler/, model_index.json, tokenizers; a model card.
 6. evaluate  load the written folder with minisd35.load_pipeline (the real loaders) and score prompt adherence with
-             the judge on the held-out prompt sets; a picture grid.
+             the judge on the held-out prompt sets; a picture grid. The sampler sweep that chose the preset's
+             defaults is not part of the timed run: `--evaluate-only` runs it on a trained root (any device).
 
 Time boxing: each training stage runs a few steps, measures the step time and fixes its number of steps from its
 share of the remaining time; the LR schedule follows that step count, so the run is reproducible from the seed and
@@ -458,6 +459,17 @@ def evaluate(out: Path, dev: torch.device, dtype: torch.dtype, sweep: bool) -> d
     return res
 
 
+def evaluate_into(info: dict, out: Path, dev: torch.device, sweep: bool) -> bytes:
+    """evaluate() in bf16 into info['eval']; writes out/samples.png (the first test pictures) and returns its bytes."""
+    res = evaluate(out, dev, torch.bfloat16, sweep)
+    images = res.pop("_images")
+    info["eval"] = res
+    buf = io.BytesIO()
+    sample_grid(images, [q for q, _ in S.heldout_prompts("test", len(images))]).save(buf, format="PNG")
+    (out / "samples.png").write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
 def sample_grid(images: list[Image.Image], prompts: list[str], cols: int = 8, scale: int = 2) -> Image.Image:
     """Pictures with their prompts underneath, `cols` per row, each shown at `scale` x."""
     cell, text_h = S.SIDE * scale, 34
@@ -653,8 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmdit-steps", type=int, help="fix the MMDiT step count (default: from the time budget)")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--eval-reserve", type=float, help="seconds kept for saving and evaluation (default: by device)")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the guidance/steps sweep on the validation prompts "
-                                                             "(run on CUDA only)")
+    ap.add_argument("--no-sweep", action="store_true", help="with --evaluate-only: skip the sampler sweep on the "
+                                                             "val and tuning prompts")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast for the MMDiT (auto: on CUDA, and on CPUs with native bf16 (avx512_bf16/amx))")
     ap.add_argument("--threads", type=int, help="torch CPU threads (on a shared machine 1 avoids thread thrashing)")
@@ -682,13 +694,10 @@ def reevaluate(args: argparse.Namespace) -> int:
     out: Path = args.out
     info = json.loads((out / "training.json").read_text())
     info.setdefault("eval_at_training", info.get("eval"))
-    res = evaluate(out, torch.device(args.device), torch.bfloat16, sweep=not args.no_sweep)
-    images = res.pop("_images")
-    info["eval"] = res
-    sample_grid(images, [q for q, _ in S.heldout_prompts("test", len(images))]).save(out / "samples.png")
+    evaluate_into(info, out, torch.device(args.device), sweep=not args.no_sweep)
     (out / "README.md").write_text(model_card(info))
     (out / "training.json").write_text(json.dumps(info, indent=1))
-    log(f"re-evaluated {out} on {args.device}: test adherence {res['test']['match']}")
+    log(f"re-evaluated {out} on {args.device}: test adherence {info['eval']['test']['match']}")
     return 0
 
 
@@ -794,14 +803,7 @@ def train(args: argparse.Namespace) -> int:
     # 6. evaluate through the real loaders (a failure here is logged; the files are already written)
     extras: dict[str, bytes] = {}
     try:
-        res = evaluate(out, dev, torch.bfloat16, sweep=kind == "cuda" and not args.no_sweep)
-        images = res.pop("_images")
-        info["eval"] = res
-        grid = sample_grid(images, [q for q, _ in S.heldout_prompts("test", len(images))])
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG")
-        extras["samples.png"] = buf.getvalue()
-        (out / "samples.png").write_bytes(buf.getvalue())
+        extras["samples.png"] = evaluate_into(info, out, dev, sweep=False)
     except Exception:
         log("evaluation failed:\n" + traceback.format_exc())
     info["seconds"] = round(time.perf_counter() - t_start, 1)
