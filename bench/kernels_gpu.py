@@ -100,7 +100,7 @@ class Bench:
             self.gelu_shapes = [(M_TOKENS, 4 * 2432), (M_TOKENS, 4 * 1536)]
             # (layer, K, N, Ms): 666 = the text stream's 2 x 333 tokens, 8858 = both streams at 1024 px
             self.route_cases = [("qkv", 2432, 7296, [64, 256, 666, 2048, 8858]), ("fc2", 9728, 2432, [8858])]
-            self.variant_layers = {"qkv": LARGE["qkv"], "fc2": LARGE["fc2"]}
+            self.variant_layers = LARGE
 
     def out_of_time(self, what: str) -> bool:
         if time.time() < self.deadline:
@@ -410,53 +410,78 @@ def bench_accum(b: Bench) -> dict:
 
 
 def bench_dequant(b: Bench) -> dict:
+    """Weight-only FP8 GEMV / GEMM against bf16 F.linear on the same (dequantised) weight.
+
+    At M = 2 a call is ~10-30 us, so three timings are kept: do_bench (eager calls, L2 flushed before each), and
+    `stream_ms`: R calls on R distinct weights replayed in one CUDA graph, per call. The graph removes the host's
+    launch cost, and R distinct weights (R x fp8 bytes >= 4x the L2) keep the weight out of L2, as in the model,
+    where every adaLN weight is read once per step. (do_bench_cudagraph alone replays one call on one weight: an
+    fp8 adaLN weight of 35 MB stays in the H200's 50 MB L2 and the bf16 one of 71 MB does not, which flatters
+    FP8.) The last case is what the fused forward actually runs: every adaLN of SD3.5 Large in one GEMV."""
     from kernels import fp8_dequant_gemm as D
     from kernels._common import print_table, rel_rms
     from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref
     from kernels.fp8_quant import quant_fp8_ref
 
-    def run(ref, fn, *args, graph=False, **kw):
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if b.dev == "cuda" else 0
+
+    def run(ref, fn, args_list, **kw):
+        args = args_list[0]
         rec = {} if ref is None else {"rel_err_vs_ref": rel_rms(fn(*args, **kw), ref)}
         rec.update(b.time(fn, *args, **kw))
-        if graph:
-            rec["graph_ms"] = b.time(fn, *args, graph=True, **kw)["ms"]
+        if b.dev == "cuda" and len(args_list) > 1:
+            import triton.testing
+
+            many = lambda: [fn(*a, **kw) for a in args_list]
+            rec["stream_ms"] = triton.testing.do_bench_cudagraph(many, quantiles=[0.5])[0] / len(args_list) \
+                if hasattr(triton.testing, "do_bench_cudagraph") else float("nan")
+            rec["stream_calls"] = len(args_list)
         return rec
 
     rows = []
     cases = [(name, 2, K, N) for name, (K, N) in b.adaln.items()]
+    if not b.smoke:  # SD3.5 Large: 38 blocks x 2 streams x 6 * 2432 outputs, as fast.py concatenates them
+        cases.append(("all adaLN of SD3.5 Large, one GEMV", 2, 2432, 76 * 6 * 2432))
     cases += [(f"{name} weight-only", b.M, K, N) for name, (K, N) in list(b.large.items())[:2]]
     for name, M, K, N in cases:
         if b.out_of_time(f"dequant {name}"):
             break
         torch.manual_seed(2)
         x = torch.randn(M, K, device=b.dev, dtype=torch.bfloat16)
-        w, sw = quant_fp8_ref(torch.randn(N, K, device=b.dev) * 0.02)
-        wb = (w.float() * sw[:, None]).to(torch.bfloat16)  # the same weight in bf16, for F.linear
         bias = torch.randn(N, device=b.dev, dtype=torch.bfloat16)
+        # R distinct weights: enough that the fp8 copies together are >= 4x the L2 (1 for the big one-GEMV case)
+        R = 1 if M > 16 or N * K >= 4 * l2 else max(2, -(-4 * l2 // (N * K)))
+        ws = [quant_fp8_ref(torch.randn(N, K, device=b.dev) * 0.02) for _ in range(R)]
+        wbs = [(w.float() * sw[:, None]).to(torch.bfloat16) for w, sw in ws]  # the same weights in bf16
+        w, sw = ws[0]
         ref = dequant_gemm_ref(x, w, sw, bias)
-        graph = b.dev == "cuda" and M <= 16  # launch overhead matters at this size: also time inside a graph
         base = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": "bf16 F.linear"},
-                       run, None, F.linear, x, wb, bias, graph=graph)
-        impls = [("triton fp8", dequant_gemm, (x, w, sw, bias, False)),
-                 ("triton bitcast", dequant_gemm, (x, w, sw, bias, True))]
+                       run, None, F.linear, [(x, wb, bias) for wb in wbs])
+        impls = [("triton fp8", dequant_gemm, False), ("triton bitcast", dequant_gemm, True)]
         if M <= D.FMA_MAX_M:  # both GEMV kernels, whichever the default picked
-            impls += [(f"triton fp8, {p} GEMV", D._dequant_gemm, (x, w, sw, bias, False, p)) for p in ("fma", "mma")]
-        for impl, fn, args in impls:
-            r = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": impl}, run, ref, fn, *args, graph=graph)
+            impls += [(f"triton fp8, {p} GEMV", lambda *a, p=p: D._dequant_gemm(*a, p), False) for p in ("fma", "mma")]
+        for impl, fn, bitcast in impls:
+            r = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": impl}, run, ref, fn,
+                        [(x, wq, s, bias, bitcast) for wq, s in ws])
             launcher = D._fma_gemv if impl.endswith("fma GEMV") else D._gemv if M <= D.GEMV_MAX_M else D._gemm
             r["config"] = tuned(launcher)  # default rows at M <= 4: the MMA choice; gemv_path says which one ran
             if "ms" in r and "ms" in base:
                 r["speedup_vs_linear"] = base["ms"] / r["ms"]
-                if "graph_ms" in r and "graph_ms" in base:
-                    r["graph_speedup_vs_linear"] = base["graph_ms"] / r["graph_ms"]
+                if "stream_ms" in r and "stream_ms" in base:
+                    r["stream_speedup_vs_linear"] = base["stream_ms"] / r["stream_ms"]
         for r in rows[-len(impls) - 1:]:
-            if "ms" in r:
-                r["weight_GBps"] = N * K * (2 if r["impl"].startswith("bf16") else 1) / r["ms"] * 1e-6
-    print_table(rows, ["case", "M", "K", "N", "impl", "rel_err_vs_ref", "ms", "graph_ms", "speedup_vs_linear",
-                       "graph_speedup_vs_linear", "weight_GBps", "first_call_s", "error"])
-    choice = {str(k[:4]): v for k, v in D._GEMV_PATH.items()}  # (N, K, M_PAD, bitcast) -> the GEMV the default uses
+            for t in ("ms", "stream_ms"):
+                if t in r:
+                    r[t.replace("ms", "weight_GBps")] = N * K * (2 if r["impl"].startswith("bf16") else 1) / r[t] * 1e-6
+        del ws, wbs
+        if b.dev == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, ["case", "M", "K", "N", "impl", "rel_err_vs_ref", "ms", "stream_ms", "stream_calls",
+                       "speedup_vs_linear", "stream_speedup_vs_linear", "weight_GBps", "stream_weight_GBps",
+                       "first_call_s", "error"])
+    choice = {str(k[:4]): v for k, v in D._GEMV_PATH.items()}  # (N, K, M, bitcast) -> the GEMV the default uses
     print(f"  default GEMV per shape: {choice}")
-    return {"rows": rows, "gemv_path": choice}
+    return {"rows": rows, "gemv_path": choice, "L2_bytes": l2}
 
 
 def bench_ln(b: Bench, copy_gbps: float) -> dict:
@@ -634,10 +659,10 @@ def bench_variants(b: Bench) -> dict:
                                                           {"fast_accum": True})]
         # "add" is timed by the gemm section ("triton precise via acc += dot per K tile"); "default" reuses the
         # gemm section's autotuning
-        impls += [(f"triton {v}", fp8_gemm, {"variant": v}) for v in ("default", "tma", "ws")]
+        impls += [(f"triton {v}", fp8_gemm, {"variant": v}) for v in ("default", "tma", "ws", "persistent")]
         if layer == "qkv":
             impls += [(f"triton {v} fast_accum", fp8_gemm, {"variant": v, "fast_accum": True})
-                      for v in ("default", "ws")]
+                      for v in ("default", "ws", "persistent")]
         for impl, fn, kw in impls:
             if b.out_of_time(f"variants {layer} {impl}"):
                 break
@@ -652,7 +677,8 @@ def bench_variants(b: Bench) -> dict:
 
             r = measure(rows, {"layer": layer, "M": M, "K": K, "N": N, "impl": impl}, run)
             if impl.startswith("triton") and "ms" in r:
-                kernel = {"tma": G._fp8_gemm_tma, "ws": G._fp8_gemm_ws}.get(kw.get("variant"), G._fp8_gemm_kernel)
+                kernel = {"tma": G._fp8_gemm_tma, "ws": G._fp8_gemm_ws, "persistent": G._fp8_gemm_persistent}.get(
+                    kw.get("variant"), G._fp8_gemm_kernel)
                 r["config"] = tuned(kernel)
         base = next((r for r in rows if r["layer"] == layer and r["impl"] == "_scaled_mm row-wise" and "ms" in r), None)
         for r in rows:
@@ -698,11 +724,11 @@ def targets(res: dict) -> list[dict]:
     for r in rows("dequant"):
         if r.get("impl") == "bf16 F.linear" or "ms" not in r or "speedup_vs_linear" not in r:
             continue
-        if r["M"] <= 16:
-            best = max(r["speedup_vs_linear"], r.get("graph_speedup_vs_linear", 0))
-            out.append({"target": f"dequant {r['case']} {r['impl']} M=2 >= 1.6x F.linear (do_bench; graph)",
-                        "value": r["speedup_vs_linear"], "graph_value": r.get("graph_speedup_vs_linear"),
-                        "met": best >= 1.6})
+        if r["M"] <= 16:  # judged on the graph-replayed stream of distinct weights (see bench_dequant)
+            stream = r.get("stream_speedup_vs_linear", r["speedup_vs_linear"])
+            out.append({"target": f"dequant {r['case']} {r['impl']} M=2 >= 1.6x F.linear (do_bench; stream)",
+                        "value": r["speedup_vs_linear"], "graph_value": r.get("stream_speedup_vs_linear"),
+                        "met": stream >= 1.6})
         else:
             out.append({"target": f"dequant {r['case']} {r['impl']} M={r['M']} time <= 1.15x F.linear",
                         "value": 1 / r["speedup_vs_linear"], "met": 1 / r["speedup_vs_linear"] <= 1.15})
@@ -713,6 +739,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under the Triton interpreter")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining measurements skip")
+    ap.add_argument("--sections", default="all", help="comma-separated sections to run (device always runs), e.g. "
+                    "quant,dequant,variants")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"), help="folder for kernels.json ($OUT)")
     args = ap.parse_args()
     if args.smoke and not torch.cuda.is_available():
@@ -726,9 +754,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    wanted = None if args.sections == "all" else set(args.sections.split(",")) | {"device"}
+
     def run(name: str, fn, *fargs) -> None:
         """One section, then kernels.json rewritten with everything so far: a run that is killed (time limit, a
         hung kernel) still leaves the sections it finished."""
+        if wanted is not None and name not in wanted:
+            return
         section(res, name, fn, *fargs)
         res["wall_s"] = round(time.time() - b.t0, 1)
         (out / "kernels.json").write_text(json.dumps(res, default=str))

@@ -23,11 +23,10 @@ Two ways to decode the bytes (bitcast=):
   None (default): True for a uint8 weight or a GPU below sm89, otherwise False. Force True on Hopper to measure it.
 
 What is fused when, and why (route="auto"; "fused" / "dequant" force one):
-  M <= 4 (the adaLN modulation: one row per sample): an FMA GEMV without tensor cores (each program streams
-    BLOCK_N weight rows with 16-byte loads and multiplies them by the few x rows in fp32 registers) or the MMA
-    kernel's GEMV configs, whichever the first call for the layer shape measures as faster (GPU session 1, H200,
-    M = 2: the MMA GEMV alone reached 1.13x bf16 F.linear for SD3.5 Large's adaLN and 0.76x for Medium's, i.e.
-    ~2 TB/s of weight traffic; the FMA GEMV was written after that, to keep more loads in flight).
+  M <= 4 (the adaLN modulation: one row per sample) and K <= 8192: an FMA GEMV without tensor cores (each
+    program owns a few whole weight rows, with the K loop unrolled so that all of a row's 16-byte loads are in
+    flight at once; see _dequant_gemv_kernel) or the MMA kernel's GEMV configs, whichever the first call for the
+    layer shape measures as faster.
   4 < M < DEQUANT_ROUTE_MIN_M (512): the fused MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune
     set. Here the product is memory-bound or close to it, and reading 1 byte per weight instead of 2 (and never
     writing a bf16 copy) is what the fusion buys.
@@ -73,7 +72,6 @@ from kernels._common import (
     check_tensor,
     grouped_tile,
     interpreting,
-    next_pow2,
     on_device,
     pick_configs,
     round_to,
@@ -99,10 +97,14 @@ GEMM_CONFIGS = [
     _cfg(128, 128, 64, 4, 4, False), _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
     _cfg(64, 128, 64, 4, 4, False), _cfg(64, 256, 64, 3, 8, False),  # for M of a few dozen to a few hundred
 ]
-# FMA GEMV (M <= 4, no tensor cores): BLOCK_N weight rows x BLOCK_K per program and step, many programs (912 for
-# N = 14592 at BLOCK_N = 16) with few registers each, so that enough 16-byte weight loads are in flight.
+# FMA GEMV (M <= 4, no tensor cores): BLOCK_N whole weight rows per program, K unrolled in BLOCK_K tiles. Small
+# tiles (4 x 512 at 4 warps: one 16-byte load per thread and tile) give many light programs per SM; larger ones
+# fewer programs with more loads each. Which keeps the most bytes in flight is for the autotuner to measure.
 FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in
-                    [(16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 8), (8, 1024, 8), (4, 1024, 4)]]
+                    [(4, 512, 4), (8, 512, 4), (16, 512, 8), (8, 256, 4), (16, 256, 4), (4, 256, 2), (2, 1024, 4),
+                     (32, 128, 4), (8, 1024, 8)]]
+FMA_MAX_K_TILES = 32  # the unrolled K loop: configs with more tiles than this are pruned
+FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time)
 # the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
 CPU_GEMV_CONFIGS, CPU_GEMM_CONFIGS = [_cfg(16, 32, 32, 1, 4, True)], [_cfg(32, 32, 32, 1, 4, False, group=2)]
 CPU_FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
@@ -183,40 +185,89 @@ def _dequant_gemm_kernel(
 
 
 @triton.jit
+def _x_row(x_ptr, row: tl.constexpr, stride_xm, k0, offs_k, zero_n, K, MASKED: tl.constexpr):
+    """Row `row` of x at columns k0 + offs_k, broadcast over the tile's BLOCK_N rows, in fp32 (zeros past K when
+    MASKED). Loaded as a [BLOCK_N, BLOCK_K] tile (zero_n: BLOCK_N zeros) rather than as [BLOCK_K] and broadcast:
+    the 2-D load gets the weight tile's register layout, so each thread reads exactly the x values its weights
+    need (L1 hits), where a 1-D load would be re-laid out through shared memory with barriers on every tile."""
+    ptrs = x_ptr + row * stride_xm + k0 + zero_n[:, None] + offs_k[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=(offs_k < K - k0)[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, k0, offs_k, zero_n, K,
+               ROWS: tl.constexpr, BITCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One K tile: decode a [BLOCK_N, BLOCK_K] tile of weight codes and multiply-add it into one fp32 product tile
+    per token row (elementwise: the reduction over K waits for the end)."""
+    if MASKED:
+        wq = tl.load(w_ptrs + k0, mask=(offs_k < K - k0)[None, :], other=0.0)
+    else:
+        wq = tl.load(w_ptrs + k0)
+    w = e4m3_bits_to_float(wq) if BITCAST else wq.to(tl.float32)
+    acc0 += w * _x_row(x_ptr, 0, stride_xm, k0, offs_k, zero_n, K, MASKED)
+    if ROWS > 1:
+        acc1 += w * _x_row(x_ptr, 1, stride_xm, k0, offs_k, zero_n, K, MASKED)
+    if ROWS > 2:
+        acc2 += w * _x_row(x_ptr, 2, stride_xm, k0, offs_k, zero_n, K, MASKED)
+    if ROWS > 3:
+        acc3 += w * _x_row(x_ptr, 3, stride_xm, k0, offs_k, zero_n, K, MASKED)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_store(acc, row: tl.constexpr, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr,
+                W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]: the one cross-thread reduction of the kernel
+    if W_PER_COL:
+        y = y * tl.load(w_scale_ptr + rn)
+    else:
+        y = y * tl.load(w_scale_ptr)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
 def _dequant_gemv_kernel(
     x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
-    W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, M_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, ROWS: tl.constexpr,
+    K_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """M <= 4 tokens: plain fp32 FMAs instead of a 16-row MMA tile (which would load x 8 times over for M = 2 and
-    tie BLOCK_N to the MMA's shape). Each K step reduces its [M_PAD, BLOCK_N, BLOCK_K] products over K at once,
-    so only the [M_PAD, BLOCK_N] sums live across iterations: few registers, many programs per SM, and with them
-    many 16-byte weight loads in flight, which is what a memory-bound GEMV needs."""
+    """ROWS = M <= 4 tokens, fp32 FMAs, no tensor cores. A GEMV is a stream over the weight: the kernel is fast
+    exactly when enough weight bytes are in flight to cover the memory latency (~27 KB per SM on an H200: 4.8 TB/s
+    x ~0.75 us / 132 SMs). So each program owns BLOCK_N whole weight rows, and the K loop is unrolled at compile
+    time (K_TILES = cdiv(K, BLOCK_K) is a constexpr): every tile's load is independent of the others' arithmetic,
+    so the compiler issues all of a row's loads before the first multiply, and each thread keeps K / BLOCK_K
+    16-byte loads in flight instead of one. The products stay elementwise in one fp32 [BLOCK_N, BLOCK_K] tile per
+    token (no reduction inside the loop, whose shuffles would serialise the tiles again); one sum at the end.
+    (The first version reduced every tile and looped at run time: ~1.2 TB/s of weight, GPU session 2.)"""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
-    offs_m = tl.arange(0, M_PAD)
-    rm = offs_m % M
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]  # [M_PAD, BLOCK_K]
+    rn = offs_n % N  # wrapped: the loads need no N mask, the extra rows are not stored
+    # 0 .. BLOCK_K-1 written so that the compiler sees runs of 8 contiguous columns, not BLOCK_K: the weight tile
+    # is then loaded 8 codes (8 bytes) per thread and access, the same register layout as 8 bf16 values of x (16
+    # bytes, the widest load), so the two tiles meet in registers without a layout conversion
+    offs_k = (tl.arange(0, BLOCK_K) // 8) * 8 + tl.arange(0, BLOCK_K) % 8
+    zero_n = offs_n * 0
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], 64-bit offsets
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            wq = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            wq = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        if BITCAST:
-            w = e4m3_bits_to_float(wq)
-        else:
-            w = wq.to(tl.float32)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    _epilogue(acc, offs_m, offs_n, rn, M, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for t in tl.static_range(K_TILES - 1):  # the full tiles
+        acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, t * BLOCK_K, offs_k,
+                                            zero_n, K, ROWS, BITCAST, False)
+    acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, (K_TILES - 1) * BLOCK_K,
+                                        offs_k, zero_n, K, ROWS, BITCAST, not EVEN_K)  # the last, masked if K % BLOCK_K
+    _gemv_store(acc0, 0, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+    if ROWS > 1:
+        _gemv_store(acc1, 1, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+    if ROWS > 2:
+        _gemv_store(acc2, 2, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+    if ROWS > 3:
+        _gemv_store(acc3, 3, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
 
 
 @triton.jit
@@ -275,8 +326,18 @@ def dequant_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = 
 # Three autotuned launchers (all keyed on the layer shape N, K): the FMA GEMV for M <= 4, and the MMA kernel with
 # its GEMV (M <= 16) and GEMM config sets.
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_k_tiles = triton.heuristics({"K_TILES": lambda args: triton.cdiv(args["K"], args["BLOCK_K"])})
+
+
+def _prune_fma(configs, named_args, **kwargs):
+    K = {**named_args, **kwargs}["K"]
+    kept = [c for c in configs if triton.cdiv(K, c.kwargs["BLOCK_K"]) <= FMA_MAX_K_TILES]
+    return kept or configs[:1]
+
+
 _fma_gemv = triton.autotune(configs=pick_configs(FMA_GEMV_CONFIGS, CPU_FMA_GEMV_CONFIGS),
-                            key=["N", "K", "BITCAST", "M_PAD"])(_even_k(_dequant_gemv_kernel))
+                            key=["N", "K", "BITCAST", "ROWS"], prune_configs_by={"early_config_prune": _prune_fma},
+                            )(_even_k(_k_tiles(_dequant_gemv_kernel)))
 _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
 _gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS),
@@ -284,7 +345,7 @@ _gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS),
 FMA_MAX_M = 4  # M up to this may use the FMA GEMV
 DEQUANT_ROUTE_MIN_M = 512  # M from this on: dequantise the weight, then cuBLAS (see the module docstring)
 ROUTES = ("auto", "fused", "dequant")
-_GEMV_PATH: dict[tuple, str] = {}  # (N, K, M_PAD, bitcast, dtypes, device) -> "fma" | "mma", measured once
+_GEMV_PATH: dict[tuple, str] = {}  # (N, K, M, bitcast, dtypes, device) -> "fma" | "mma", measured once
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -298,13 +359,13 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
     if route == "dequant" or (route == "auto" and M >= DEQUANT_ROUTE_MIN_M):
         return _dequant_then_linear(x, w, w_scale, bias, bitcast)
-    if M > FMA_MAX_M:
+    if M > FMA_MAX_M or (M and x.shape[1] > FMA_MAX_K):
         return _dequant_gemm(x, w, w_scale, bias, bitcast, "mma")
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or interpreting() or not x.is_cuda:
         return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma")  # (and any argument error is raised there)
     # a handful of rows: the FMA GEMV or the MMA one, whichever is faster for this layer shape, timed once per
     # shape on the first call (like the autotuner: make that call before capturing a CUDA graph)
-    key = (w.shape[0], w.shape[1], next_pow2(M), bitcast, w.dtype, x.dtype, x.device)
+    key = (w.shape[0], w.shape[1], M, bitcast, w.dtype, x.dtype, x.device)
     if key not in _GEMV_PATH:
         import triton.testing
 
@@ -361,7 +422,10 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
         if path == "fma":
             if M > FMA_MAX_M:
                 raise InputError(f"dequant_gemm: the FMA GEMV takes at most {FMA_MAX_M} rows, got M={M}")
-            _fma_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, M_PAD=next_pow2(M), **flags)
+            if K > FMA_MAX_K:
+                raise InputError(f"dequant_gemm: the FMA GEMV takes K <= {FMA_MAX_K} (its K loop is unrolled), "
+                                 f"got K={K}")
+            _fma_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=M, **flags)
         else:
             launch = _gemv if M <= GEMV_MAX_M else _gemm
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -90,6 +90,7 @@ VARIANTS = {
     "add": "as default, promotion by `acc += tl.dot(a, b)` per K tile (PRECISE_ADD)",
     "tma": "TMA descriptor loads, no warp specialisation",
     "ws": "TMA descriptor loads + warp specialisation: producer warpgroup, two consumer warpgroups (Hopper)",
+    "persistent": "TMA descriptor loads, one program per SM looping over output tiles (tile and K loops flattened)",
 }
 
 
@@ -234,7 +235,8 @@ def _tma_cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group: int = 8)
 # consumer itself); BLOCK_M >= 128 so that each consumer's half is a whole 64-row wgmma (64 x 256 does not compile).
 # _prune_tma keeps the configs whose registers fit for precise accumulation.
 WS_CONFIGS = [_tma_cfg(128, 128, 128, 4, 4), _tma_cfg(128, 128, 128, 3, 4), _tma_cfg(256, 128, 128, 3, 4),
-              _tma_cfg(128, 128, 256, 3, 4), _tma_cfg(128, 256, 128, 3, 4)]
+              _tma_cfg(128, 128, 256, 3, 4), _tma_cfg(128, 256, 128, 3, 4), _tma_cfg(128, 128, 128, 5, 4),
+              _tma_cfg(256, 128, 128, 4, 4)]
 TMA_CONFIGS = [_tma_cfg(128, 128, 128, 4, 8), _tma_cfg(128, 128, 128, 3, 8), _tma_cfg(128, 256, 128, 3, 8),
                _tma_cfg(256, 128, 128, 3, 8)]
 CPU_TMA_CONFIGS = [_tma_cfg(32, 32, 32, 1, 4, group=2)]
@@ -287,12 +289,55 @@ def _fp8_gemm_tma_body(
                    HAS_BIAS, ACT, HAS_GATE, HAS_RES)
 
 
+@triton.jit
+def _fp8_gemm_persistent_body(
+    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
+    A_PER_ROW: tl.constexpr, W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, ACC_MODE: tl.constexpr,
+    NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PROMOTE: tl.constexpr,
+):
+    """Variant "persistent": one program per SM walks the output tiles (tile = pid, pid + NUM_SMS, ...), the tile
+    and K loops flattened into one (flatten=True) so that the TMA loads of the next tile start while this tile's
+    last MMAs and its epilogue run, as cuBLAS's persistent kernels do. (Triton 3.6's Hopper warp specialisation
+    does not take this loop nest: compiled with warp_specialize=True it emits no setmaxnreg, i.e. no producer /
+    consumer split, so this variant has none.)"""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            b = w_desc.load([off_n, k * BLOCK_K])
+            if ACC_MODE == 0:
+                acc = tl.dot(a, b.T, acc)
+            else:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        _gemm_epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, M, N, rows_per_batch, out_ptr, stride_om,
+                       a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW,
+                       W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+
+
 _TMA_KEY = ["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES", "WARP_SPEC"]
 _tma_body = triton.heuristics({"PROMOTE": lambda args: min(args["BLOCK_K"], 128)})(_fp8_gemm_tma_body)
 _fp8_gemm_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
                                prune_configs_by={"early_config_prune": _prune_tma})(_tma_body)
 _fp8_gemm_tma = triton.autotune(configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
                                 prune_configs_by={"early_config_prune": _prune_tma})(_tma_body)
+# the persistent kernel: 8 warps (no warp specialisation), 128-row tiles; 128 x 256 spills with precise accumulation
+PERSISTENT_CONFIGS = [_tma_cfg(128, 128, 128, 3, 8), _tma_cfg(128, 128, 128, 4, 8), _tma_cfg(128, 256, 128, 3, 8),
+                      _tma_cfg(128, 128, 128, 5, 8)]
+_fp8_gemm_persistent = triton.autotune(
+    configs=pick_configs(PERSISTENT_CONFIGS, CPU_TMA_CONFIGS), key=["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES"],
+    prune_configs_by={"early_config_prune": lambda cfgs, named_args, **kw: _prune_tma(
+        cfgs, {**named_args, **kw, "WARP_SPEC": False})},
+)(triton.heuristics({"PROMOTE": lambda args: min(args["BLOCK_K"], 128)})(_fp8_gemm_persistent_body))
 
 
 def _check_epilogue(fn: str, M: int, N: int, bias, out_dtype, act, gate, residual, rows_per_batch) -> int:
@@ -359,8 +404,24 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
     if K == 0:  # an empty sum: the epilogue of zeros
         return fp8_gemm_ref(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    if variant == "persistent":
+        a_desc, w_desc = _descriptors(a, w, dev, variant)
+        sms = _num_sms(dev)
+        tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        with on_device(dev):
+            _fp8_gemm_persistent[lambda meta: (min(sms, tiles(meta)),)](
+                a_desc, w_desc, out, a_scale, w_scale,
+                bias if bias is not None else out, gate if gate is not None else out,
+                residual if residual is not None else out,
+                M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
+                residual.stride(0) if residual is not None else 0,
+                A_PER_ROW=a_scale.numel() > 1, W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act,
+                HAS_GATE=gate is not None, HAS_RES=residual is not None, ACC_MODE=FAST if acc_mode == FAST else PRECISE,
+                NUM_SMS=sms,
+            )
+        return out
     if variant in ("tma", "ws"):
-        a_desc, w_desc = _descriptors(a, w, dev)
+        a_desc, w_desc = _descriptors(a, w, dev, variant)
         launch = _fp8_gemm_ws if variant == "ws" else _fp8_gemm_tma
         with on_device(dev):
             launch[grid](
@@ -388,20 +449,27 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
     return out
 
 
-def _descriptors(a: torch.Tensor, w: torch.Tensor, dev: torch.device):
+def _num_sms(dev: torch.device) -> int:
+    """Programs of the persistent variant: one per SM (4 under the interpreter, so that programs loop)."""
+    if dev.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def _descriptors(a: torch.Tensor, w: torch.Tensor, dev: torch.device, variant: str):
     """Host-side TMA descriptors for a [M, K] and w [N, K] (block shapes are set per config by the autotuner's
     pre-hook). TMA wants 16-byte aligned base addresses and row strides, i.e. K % 16 == 0 for fp8 rows."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError as e:
-        raise HardwareError(f"fp8_gemm: variants 'tma' / 'ws' need triton.tools.tensor_descriptor (Triton 3.4+), "
+        raise HardwareError(f"fp8_gemm: variant {variant!r} needs triton.tools.tensor_descriptor (Triton 3.4+), "
                             f"this Triton {triton.__version__} has none ({e}); use variant='default'") from e
     if dev.type == "cuda" and capability(dev) < (9, 0):
-        raise HardwareError("fp8_gemm: variants 'tma' / 'ws' need the TMA unit of Hopper (sm90+); use "
+        raise HardwareError(f"fp8_gemm: variant {variant!r} needs the TMA unit of Hopper (sm90+); use "
                             "variant='default'")
     for name, t in (("a", a), ("w", w)):
         if t.stride(0) % 16 or t.data_ptr() % 16 or t.stride(1) != 1:
-            raise InputError(f"fp8_gemm: variants 'tma' / 'ws' need {name} with 16-byte aligned rows (K % 16 == 0, "
+            raise InputError(f"fp8_gemm: variant {variant!r} needs {name} with 16-byte aligned rows (K % 16 == 0, "
                              f"got {name} of shape {tuple(t.shape)}, strides {t.stride()}); use variant='default'")
     return (TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1]),
             TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1]))

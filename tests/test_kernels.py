@@ -386,9 +386,9 @@ for cfg in fp8_dequant_gemm.FMA_GEMV_CONFIGS[:2]:
     for bitcast in (False, True):
         build(f"dequant FMA GEMV {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemv_kernel,
               {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig,
-              dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, M_PAD=2, EVEN_K=True), 90, cfg=cfg)
+              dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, ROWS=2, K_TILES=4, EVEN_K=True), 90, cfg=cfg)
     build(f"dequant FMA GEMV sm80 {cfg.kwargs} bitcast", fp8_dequant_gemm._dequant_gemv_kernel,
-          {**d_sig, "w_ptr": "*u8"}, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=True, M_PAD=2, EVEN_K=False),
+          {**d_sig, "w_ptr": "*u8"}, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False),
           80, cfg=cfg)
 for cfg in (fp8_dequant_gemm.GEMV_CONFIGS[1], fp8_dequant_gemm.GEMM_CONFIGS[2]):
     build(f"dequant sm80 bitcast {cfg.kwargs}", fp8_dequant_gemm._dequant_gemm_kernel,

@@ -217,7 +217,7 @@ def test_dequant_route_is_the_reference_linear():
 # fp8_gemm variants (TMA descriptors, warp specialisation): the same product and epilogue as the default kernel
 
 
-@pytest.mark.parametrize("variant", ["tma", "ws", "add"])
+@pytest.mark.parametrize("variant", ["tma", "ws", "add", "persistent"])
 @pytest.mark.parametrize("M,K,N", [(67, 96, 40), (3, 64, 48)])  # M and N tails; K a multiple of 16 (TMA rows)
 def test_fp8_gemm_variants_match_ref(variant, M, K, N):
     from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
@@ -324,6 +324,11 @@ for name, cfgs, ws, bm, bn, acc, epi in [
     c = pick(cfgs, bm, bn)
     build(f"gemm {name}", fp8_gemm._fp8_gemm_tma_body, gemm_sig(c), dict(A_PER_ROW=True, W_PER_COL=True,
           HAS_BIAS=True, ACC_MODE=acc, WARP_SPEC=ws, PROMOTE=min(c.kwargs["BLOCK_K"], 128), **epi), cfg=c)
+for name, bm, bn, acc, epi in [("precise 128x128 fused epilogue", 128, 128, 2, full),
+                               ("fast 128x256", 128, 256, 0, plain)]:
+    c = pick(fp8_gemm.PERSISTENT_CONFIGS, bm, bn)
+    build(f"gemm persistent {name}", fp8_gemm._fp8_gemm_persistent_body, gemm_sig(c), dict(A_PER_ROW=True,
+          W_PER_COL=True, HAS_BIAS=True, ACC_MODE=acc, NUM_SMS=132, PROMOTE=128, **epi), cfg=c)
 '''
 
 
@@ -346,7 +351,7 @@ def test_fused_kernels_compile_for_the_gpu():
     for n, r in builds.items():
         if n.startswith("gemm ws"):
             assert r["setmaxnreg"] > 0, n
-        if n.startswith("gemm tma"):
+        if n.startswith("gemm tma") or n.startswith("gemm persistent"):
             assert r["setmaxnreg"] == 0, n
     assert builds["gemm ws precise 128x128 fused epilogue"]["fadd"] >= 128 * 128 // 256
     assert builds["gemm ws fast 128x128"]["fadd"] < builds["gemm ws precise 256x128"]["fadd"]
