@@ -168,7 +168,7 @@ def measure(rows: list, row: dict, fn, *args, **kwargs) -> dict:
         row.update(fn(*args, **kwargs))
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:300]
-        print(f"  {row}: {row['error']}", flush=True)
+    print(f"  {row}", flush=True)  # as it lands: a run killed mid-section still shows what it measured
     rows.append(row)
     return row
 
@@ -433,16 +433,17 @@ def bench_dequant(b: Bench) -> dict:
             import triton.testing
 
             many = lambda: [fn(*a, **kw) for a in args_list]
-            rec["stream_ms"] = triton.testing.do_bench_cudagraph(many, quantiles=[0.5])[0] / len(args_list) \
-                if hasattr(triton.testing, "do_bench_cudagraph") else float("nan")
+            ms = triton.testing.do_bench_cudagraph(many, quantiles=[0.5])  # a float, or [float] on some versions
+            rec["stream_ms"] = (ms[0] if isinstance(ms, (list, tuple)) else ms) / len(args_list)
             rec["stream_calls"] = len(args_list)
         return rec
 
     rows = []
     cases = [(name, 2, K, N) for name, (K, N) in b.adaln.items()]
-    if not b.smoke:  # SD3.5 Large: 38 blocks x 2 streams x 6 * 2432 outputs, as fast.py concatenates them
+    if not b.smoke and not b.gemv_only:  # SD3.5 Large: 38 blocks x 2 streams x 6 * 2432 outputs, as fast.py has them
         cases.append(("all adaLN of SD3.5 Large, one GEMV", 2, 2432, 76 * 6 * 2432))
-    cases += [(f"{name} weight-only", b.M, K, N) for name, (K, N) in list(b.large.items())[:2]]
+    if not b.gemv_only:
+        cases += [(f"{name} weight-only", b.M, K, N) for name, (K, N) in list(b.large.items())[:2]]
     for name, M, K, N in cases:
         if b.out_of_time(f"dequant {name}"):
             break
@@ -649,6 +650,8 @@ def bench_variants(b: Bench) -> dict:
     rows = []
     M = b.M
     for layer, (K, N) in b.variant_layers.items():
+        if b.layers and layer not in b.layers:
+            continue
         torch.manual_seed(7)
         a, sa = quant_fp8_ref(torch.randn(M, K, device=b.dev))
         w, sw = quant_fp8_ref(torch.randn(N, K, device=b.dev) * 0.02)
@@ -659,10 +662,10 @@ def bench_variants(b: Bench) -> dict:
                                                           {"fast_accum": True})]
         # "add" is timed by the gemm section ("triton precise via acc += dot per K tile"); "default" reuses the
         # gemm section's autotuning
-        impls += [(f"triton {v}", fp8_gemm, {"variant": v}) for v in ("default", "tma", "ws", "persistent")]
+        impls += [(f"triton {v}", fp8_gemm, {"variant": v}) for v in b.gemm_variants]
         if layer == "qkv":
             impls += [(f"triton {v} fast_accum", fp8_gemm, {"variant": v, "fast_accum": True})
-                      for v in ("default", "ws", "persistent")]
+                      for v in b.gemm_variants if v != "tma"]
         for impl, fn, kw in impls:
             if b.out_of_time(f"variants {layer} {impl}"):
                 break
@@ -741,6 +744,11 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining measurements skip")
     ap.add_argument("--sections", default="all", help="comma-separated sections to run (device always runs), e.g. "
                     "quant,dequant,variants")
+    ap.add_argument("--gemm-variants", default="default,tma,ws,persistent", help="fp8_gemm variants the variants "
+                    "section times")
+    ap.add_argument("--layers", default="", help="comma-separated SD3.5 Large layers for the variants section "
+                    "(default: qkv, proj, fc1, fc2)")
+    ap.add_argument("--gemv-only", action="store_true", help="dequant section: only the M = 2 adaLN GEMVs")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"), help="folder for kernels.json ($OUT)")
     args = ap.parse_args()
     if args.smoke and not torch.cuda.is_available():
@@ -750,6 +758,9 @@ def main() -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be fp32
     b = Bench(args.smoke, args.budget)
+    b.gemm_variants = args.gemm_variants.split(",")
+    b.layers = [x for x in args.layers.split(",") if x]
+    b.gemv_only = args.gemv_only
     res: dict = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
