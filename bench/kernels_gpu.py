@@ -17,8 +17,9 @@ What it measures (each section is independent: an exception is recorded and the 
   accum     fast_accum on / off at K = 9728 (fc2): error of each path against an fp64 reference, on zero-mean
             and on all-positive data (the worst case for an accumulator that drops low bits)
   dequant   dequant_gemm (fp8 type and uint8 bit decoding): M = 2 adaLN GEMVs against bf16 F.linear (target
-            >= 1.6x faster; also timed inside a CUDA graph, which removes the Python launch cost) and M = 8858
-            (target <= 1.15x F.linear's time)
+            >= 1.6x faster), eager and as a stream of calls on distinct weights in a CUDA graph (no launch cost, no
+            L2 reuse); the one GEMV over all of SD3.5 Large's adaLN weights (what fast.py runs); M = 8858 (target
+            <= 1.15x F.linear's time). --gemv-only: the M = 2 per-layer GEMVs alone
   ln        ln_mod_quant / ln_mod at M = 8858: agreement with the reference, GB/s, % of copy bandwidth, against
             the unfused torch sequence
   qk_norm   qk_norm_split (QK RMSNorm + head split into the attention buffers) for SD3.5 Large's image and text
@@ -29,7 +30,8 @@ What it measures (each section is independent: an exception is recorded and the 
   routes    the weight-only GEMM's two routes at M = 64 .. 8858 (fused kernel / dequant_weight + F.linear) against
             bf16 F.linear, and which one route="auto" takes: the data to confirm DEQUANT_ROUTE_MIN_M (target: auto
             <= 1.15x F.linear's time at M = 8858)
-  variants  the FP8 GEMM's kernel variants (default, tma, ws; add is in gemm) on qkv and fc2 vs _scaled_mm row-wise:
+  variants  the FP8 GEMM's kernel variants (default, tma, ws, persistent; add is in gemm) on the four Large layers
+            (--layers, --gemm-variants pick fewer) vs _scaled_mm row-wise:
             agreement with fp8_gemm_ref first (a variant that disagrees is reported, not timed), then TFLOP/s
 Timing: triton.testing.do_bench median (20th / 80th percentiles kept), after one warm-up call that also runs
 the autotuner (its duration is recorded as first_call_s, unless a correctness check ran the kernel first). A
@@ -459,13 +461,14 @@ def bench_dequant(b: Bench) -> dict:
         base = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": "bf16 F.linear"},
                        run, None, F.linear, [(x, wb, bias) for wb in wbs])
         impls = [("triton fp8", dequant_gemm, False), ("triton bitcast", dequant_gemm, True)]
-        if M <= D.FMA_MAX_M:  # both GEMV kernels, whichever the default picked
+        if M <= D.FMA_MAX_M:  # both GEMV kernels (the default is the FMA one)
             impls += [(f"triton fp8, {p} GEMV", lambda *a, p=p: D._dequant_gemm(*a, p), False) for p in ("fma", "mma")]
         for impl, fn, bitcast in impls:
             r = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": impl}, run, ref, fn,
                         [(x, wq, s, bias, bitcast) for wq, s in ws])
-            launcher = D._fma_gemv if impl.endswith("fma GEMV") else D._gemv if M <= D.GEMV_MAX_M else D._gemm
-            r["config"] = tuned(launcher)  # default rows at M <= 4: the MMA choice; gemv_path says which one ran
+            fma = M <= D.FMA_MAX_M and not impl.endswith("mma GEMV")
+            launcher = D._fma_gemv if fma else D._gemv if M <= D.GEMV_MAX_M else D._gemm
+            r["config"] = tuned(launcher)
             if "ms" in r and "ms" in base:
                 r["speedup_vs_linear"] = base["ms"] / r["ms"]
                 if "stream_ms" in r and "stream_ms" in base:
@@ -480,9 +483,7 @@ def bench_dequant(b: Bench) -> dict:
     print_table(rows, ["case", "M", "K", "N", "impl", "rel_err_vs_ref", "ms", "stream_ms", "stream_calls",
                        "speedup_vs_linear", "stream_speedup_vs_linear", "weight_GBps", "stream_weight_GBps",
                        "first_call_s", "error"])
-    choice = {str(k[:4]): v for k, v in D._GEMV_PATH.items()}  # (N, K, M, bitcast) -> the GEMV the default uses
-    print(f"  default GEMV per shape: {choice}")
-    return {"rows": rows, "gemv_path": choice, "L2_bytes": l2}
+    return {"rows": rows, "L2_bytes": l2}
 
 
 def bench_ln(b: Bench, copy_gbps: float) -> dict:

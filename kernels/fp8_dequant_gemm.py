@@ -23,10 +23,14 @@ Two ways to decode the bytes (bitcast=):
   None (default): True for a uint8 weight or a GPU below sm89, otherwise False. Force True on Hopper to measure it.
 
 What is fused when, and why (route="auto"; "fused" / "dequant" force one):
-  M <= 4 (the adaLN modulation: one row per sample) and K <= 8192: an FMA GEMV without tensor cores (each
+  M <= 4 (the adaLN modulation: one row per sample) and K <= 8192: an FMA GEMV without tensor cores: each
     program owns a few whole weight rows, with the K loop unrolled so that all of a row's 16-byte loads are in
-    flight at once; see _dequant_gemv_kernel) or the MMA kernel's GEMV configs, whichever the first call for the
-    layer shape measures as faster.
+    flight at once (see _dequant_gemv_kernel). H200, GPU session 6 (bench/results/2026-12-02_h200_session6), M = 2,
+    each call on its own weight in a CUDA graph (no launch cost, no L2 reuse): SD3.5 Large's adaLN (2432 -> 14592)
+    13.8 us against bf16 F.linear's 19.5 us (1.41x), Medium's (1536 -> 13824) 10.6 vs 13.4 us (1.27x), and the one
+    GEMV over all of Large's adaLN weights that minisd35/fast.py runs per step (1,108,992 rows) 0.793 vs 1.268 ms
+    (1.599x, 3.4 TB/s of fp8 weight). The MMA kernel's GEMV configs were slower at all three (20.9 us, 13.7 us,
+    0.968 ms), so the choice is fixed rather than timed (which also keeps two processes' outputs equal).
   4 < M < DEQUANT_ROUTE_MIN_M (512): the fused MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune
     set. Here the product is memory-bound or close to it, and reading 1 byte per weight instead of 2 (and never
     writing a bf16 copy) is what the fusion buys.
@@ -345,7 +349,6 @@ _gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS),
 FMA_MAX_M = 4  # M up to this may use the FMA GEMV
 DEQUANT_ROUTE_MIN_M = 512  # M from this on: dequantise the weight, then cuBLAS (see the module docstring)
 ROUTES = ("auto", "fused", "dequant")
-_GEMV_PATH: dict[tuple, str] = {}  # (N, K, M, bitcast, dtypes, device) -> "fma" | "mma", measured once
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -359,20 +362,11 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
     if route == "dequant" or (route == "auto" and M >= DEQUANT_ROUTE_MIN_M):
         return _dequant_then_linear(x, w, w_scale, bias, bitcast)
+    # a handful of rows: the FMA GEMV, which streams the weight faster than the 16-row MMA tile at every measured
+    # shape (H200: 1.2-1.5x, see the module docstring); wider rows than its unrolled loop takes go to the MMA one
     if M > FMA_MAX_M or (M and x.shape[1] > FMA_MAX_K):
         return _dequant_gemm(x, w, w_scale, bias, bitcast, "mma")
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or interpreting() or not x.is_cuda:
-        return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma")  # (and any argument error is raised there)
-    # a handful of rows: the FMA GEMV or the MMA one, whichever is faster for this layer shape, timed once per
-    # shape on the first call (like the autotuner: make that call before capturing a CUDA graph)
-    key = (w.shape[0], w.shape[1], M, bitcast, w.dtype, x.dtype, x.device)
-    if key not in _GEMV_PATH:
-        import triton.testing
-
-        times = {path: triton.testing.do_bench(lambda path=path: _dequant_gemm(x, w, w_scale, bias, bitcast, path))
-                 for path in ("fma", "mma")}
-        _GEMV_PATH[key] = min(times, key=times.get)
-    return _dequant_gemm(x, w, w_scale, bias, bitcast, _GEMV_PATH[key])
+    return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma")
 
 
 def _dequant_then_linear(x, w, w_scale, bias, bitcast) -> torch.Tensor:

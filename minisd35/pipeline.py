@@ -23,8 +23,8 @@ device and versions give byte-identical PNGs; on the CPU in bf16 a batch of n eq
 cannot hold: (1) GEMMs pick their kernel by the number of rows M (oneDNN on the CPU in fp32, cuBLAS/cuBLASLt and
 torch._scaled_mm on CUDA, split-K for small M), and a batch, or CFG's doubled batch, changes M, hence the summation
 order: batch and single runs can differ in the last bits (on this CPU in fp32, ~4e-6). (2) The Triton kernels
-autotune (kernels/fp8_gemm.py, fp8_dequant_gemm.py, whose M <= 4 GEMV is chosen by timing) on their first call in
-a process; configs with another BLOCK_K / promotion interval or another GEMV round differently, so two processes
+autotune (kernels/fp8_gemm.py, fp8_dequant_gemm.py) on their first call in
+a process; configs with another BLOCK_K / promotion interval round differently, so two processes
 on the same GPU can differ in the last bits. Within one process the choice is cached and runs repeat exactly.
 """
 

@@ -258,7 +258,7 @@ def test_dequant_gemm_matches_ref(bitcast, M, K, N):
 
 @pytest.mark.parametrize("path", ["fma", "mma"])
 def test_dequant_gemv_paths_agree(path):
-    # at M <= 4 the default picks one of two GEMV kernels by timing; both must compute the same thing
+    # at M <= 4 the default is the FMA GEMV, the MMA GEMV the one for K > FMA_MAX_K: both compute the same thing
     from kernels.fp8_dequant_gemm import _dequant_gemm
 
     for M in (1, 2, 4):
