@@ -262,6 +262,28 @@ def _prune_tma(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _tma_step(acc, a_desc, w_desc, off_m, off_n, k0, ACC_MODE: tl.constexpr, PROMOTE: tl.constexpr):
+    """One K tile through the descriptors: rows / columns / K past the edge arrive as zeros, so no masks."""
+    a = a_desc.load([off_m, k0])  # [BLOCK_M, BLOCK_K]
+    b = w_desc.load([off_n, k0])  # [BLOCK_N, BLOCK_K], as stored; .T is free (K-major either way)
+    if ACC_MODE == 0:
+        return tl.dot(a, b.T, acc)
+    return tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+
+
+@triton.jit
+def _tma_epilogue(acc, off_m, off_n, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW: tl.constexpr, W_PER_COL: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    _gemm_epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, M, N, rows_per_batch, out_ptr, stride_om,
+                   a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW, W_PER_COL,
+                   HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+
+
+@triton.jit
 def _fp8_gemm_tma_body(
     a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
     M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
@@ -274,21 +296,12 @@ def _fp8_gemm_tma_body(
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
-    # the descriptors know the tensors' shapes: rows / columns / K past the edge arrive as zeros, no masks here
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPEC):
-        a = a_desc.load([off_m, k * BLOCK_K])  # [BLOCK_M, BLOCK_K]
-        b = w_desc.load([off_n, k * BLOCK_K])  # [BLOCK_N, BLOCK_K], as stored; .T is free (K-major either way)
-        if ACC_MODE == 0:
-            acc = tl.dot(a, b.T, acc)
-        else:
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
-
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    _gemm_epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, M, N, rows_per_batch, out_ptr, stride_om,
-                   a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW, W_PER_COL,
-                   HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+        acc = _tma_step(acc, a_desc, w_desc, off_m, off_n, k * BLOCK_K, ACC_MODE, PROMOTE)
+    _tma_epilogue(acc, off_m, off_n, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES,
+                  BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -316,17 +329,10 @@ def _fp8_gemm_persistent_body(
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, k_tiles):
-            a = a_desc.load([off_m, k * BLOCK_K])
-            b = w_desc.load([off_n, k * BLOCK_K])
-            if ACC_MODE == 0:
-                acc = tl.dot(a, b.T, acc)
-            else:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        _gemm_epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, M, N, rows_per_batch, out_ptr, stride_om,
-                       a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW,
-                       W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+            acc = _tma_step(acc, a_desc, w_desc, off_m, off_n, k * BLOCK_K, ACC_MODE, PROMOTE)
+        _tma_epilogue(acc, off_m, off_n, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr,
+                      bias_ptr, gate_ptr, stride_gb, res_ptr, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                      HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N)
 
 
 _TMA_KEY = ["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES", "WARP_SPEC"]
@@ -408,49 +414,30 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
         return out
     if K == 0:  # an empty sum: the epilogue of zeros
         return fp8_gemm_ref(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    if variant == "persistent":
-        a_desc, w_desc = _descriptors(a, w, dev, variant)
-        sms = _num_sms(dev)
-        tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        with on_device(dev):
-            _fp8_gemm_persistent[lambda meta: (min(sms, tiles(meta)),)](
-                a_desc, w_desc, out, a_scale, w_scale,
-                bias if bias is not None else out, gate if gate is not None else out,
-                residual if residual is not None else out,
-                M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
-                residual.stride(0) if residual is not None else 0,
-                A_PER_ROW=a_scale.numel() > 1, W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act,
-                HAS_GATE=gate is not None, HAS_RES=residual is not None, ACC_MODE=FAST if acc_mode == FAST else PRECISE,
-                NUM_SMS=sms,
-            )
-        return out
-    if variant in ("tma", "ws"):
-        a_desc, w_desc = _descriptors(a, w, dev, variant)
-        launch = _fp8_gemm_ws if variant == "ws" else _fp8_gemm_tma
-        with on_device(dev):
-            launch[grid](
-                a_desc, w_desc, out, a_scale, w_scale,
-                bias if bias is not None else out, gate if gate is not None else out,
-                residual if residual is not None else out,
-                M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
-                residual.stride(0) if residual is not None else 0,
-                A_PER_ROW=a_scale.numel() > 1, W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act,
-                HAS_GATE=gate is not None, HAS_RES=residual is not None, ACC_MODE=FAST if acc_mode == FAST else PRECISE,
-                WARP_SPEC=variant == "ws",
-            )
-        return out
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    # what every variant takes after its two operands: the output, scales, epilogue tensors (absent ones point at
+    # `out` and are never read), sizes; then the strides the operands' own loads do not need
+    epi = (out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)), M, N, K,
+           rows_per_batch)
+    strides = (out.stride(0), gate.stride(0) if gate is not None else 0,
+               residual.stride(0) if residual is not None else 0)
+    flags = dict(A_PER_ROW=a_scale.numel() > 1, W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act,
+                 HAS_GATE=gate is not None, HAS_RES=residual is not None)
     with on_device(dev):
-        _fp8_gemm_kernel[grid](
-            a, w, out, a_scale, w_scale,
-            bias if bias is not None else out, gate if gate is not None else out,
-            residual if residual is not None else out,
-            M, N, K, rows_per_batch,
-            a.stride(0), w.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0,
-            residual.stride(0) if residual is not None else 0,
-            A_PER_ROW=a_scale.numel() > 1, W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act,
-            HAS_GATE=gate is not None, HAS_RES=residual is not None, ACC_MODE=acc_mode,
-        )
+        if variant == "default" or variant == "add":
+            _fp8_gemm_kernel[lambda meta: (tiles(meta),)](a, w, *epi, a.stride(0), w.stride(0), *strides, **flags,
+                                                          ACC_MODE=acc_mode)
+            return out
+        a_desc, w_desc = _descriptors(a, w, dev, variant)
+        acc_mode = FAST if acc_mode == FAST else PRECISE
+        if variant == "persistent":
+            sms = _num_sms(dev)
+            _fp8_gemm_persistent[lambda meta: (min(sms, tiles(meta)),)](a_desc, w_desc, *epi, *strides, **flags,
+                                                                        ACC_MODE=acc_mode, NUM_SMS=sms)
+        else:
+            launch = _fp8_gemm_ws if variant == "ws" else _fp8_gemm_tma
+            launch[lambda meta: (tiles(meta),)](a_desc, w_desc, *epi, *strides, **flags, ACC_MODE=acc_mode,
+                                                WARP_SPEC=variant == "ws")
     return out
 
 
