@@ -58,6 +58,7 @@ call for a given layer shape picks the config, so benchmark (or warm up) with a 
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -441,8 +442,10 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
     return out
 
 
+@functools.cache
 def _num_sms(dev: torch.device) -> int:
-    """Programs of the persistent variant: one per SM (4 under the interpreter, so that programs loop)."""
+    """Programs of the persistent variant: one per SM (4 under the interpreter, so that programs loop); cached, as
+    it is asked on every launch."""
     if dev.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(dev).multi_processor_count
