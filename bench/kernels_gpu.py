@@ -414,11 +414,11 @@ def bench_accum(b: Bench) -> dict:
 def bench_dequant(b: Bench) -> dict:
     """Weight-only FP8 GEMV / GEMM against bf16 F.linear on the same (dequantised) weight.
 
-    At M = 2 a call is ~10-30 us, so three timings are kept: do_bench (eager calls, L2 flushed before each), and
+    At M = 2 a call is ~10-30 us, so two timings are kept: do_bench (eager calls, L2 flushed before each), and
     `stream_ms`: R calls on R distinct weights replayed in one CUDA graph, per call. The graph removes the host's
     launch cost, and R distinct weights (R x fp8 bytes >= 4x the L2) keep the weight out of L2, as in the model,
     where every adaLN weight is read once per step. (do_bench_cudagraph alone replays one call on one weight: an
-    fp8 adaLN weight of 35 MB stays in the H200's 50 MB L2 and the bf16 one of 71 MB does not, which flatters
+    fp8 adaLN weight of 35 MB stays in the H200's 60 MB L2 and the bf16 one of 71 MB does not, which flatters
     FP8.) The last case is what the fused forward actually runs: every adaLN of SD3.5 Large in one GEMV."""
     from kernels import fp8_dequant_gemm as D
     from kernels._common import print_table, rel_rms
@@ -432,11 +432,8 @@ def bench_dequant(b: Bench) -> dict:
         rec = {} if ref is None else {"rel_err_vs_ref": rel_rms(fn(*args, **kw), ref)}
         rec.update(b.time(fn, *args, **kw))
         if b.dev == "cuda" and len(args_list) > 1:
-            import triton.testing
-
             many = lambda: [fn(*a, **kw) for a in args_list]
-            ms = triton.testing.do_bench_cudagraph(many, quantiles=[0.5])  # a float, or [float] on some versions
-            rec["stream_ms"] = (ms[0] if isinstance(ms, (list, tuple)) else ms) / len(args_list)
+            rec["stream_ms"] = b.time(many, graph=True)["ms"] / len(args_list)
             rec["stream_calls"] = len(args_list)
         return rec
 
