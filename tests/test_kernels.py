@@ -276,8 +276,30 @@ def test_dequant_gemm_uint8_weight_and_per_tensor_scale():
     assert rel_rms(dequant_gemm(x, w.view(torch.uint8), sw), ref) < 1e-3  # uint8 -> bit decoding, automatically
     with pytest.raises(InputError, match="w_scale"):
         dequant_gemm(x, w, torch.ones(7, device=DEV))
-    with pytest.raises(InputError, match="dtype"):
+    with pytest.raises(InputError, match="FMA GEMV only"):  # M = 5: the MMA kernel, whose dot takes bf16 / fp16
         dequant_gemm(x.float(), w, sw)
+    with pytest.raises(InputError, match="FMA GEMV only"):
+        dequant_gemm(x[:2].float(), w, sw, route="dequant")
+    with pytest.raises(InputError, match="out_dtype"):
+        dequant_gemm(x[:2], w, sw, out_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 72, 40), (2, 100, 56), (4, 37, 9)])
+def test_dequant_gemv_fp32_x(M, K, N):
+    # fp32 activations (what fast.py's fused adaLN passes): no conversion in the kernel, the same fp32 products;
+    # with bf16-valued x the result equals the bf16-x call, and the output dtype is out_dtype
+    x = randn(M, K, dtype=torch.bfloat16, seed=K)
+    w, sw = quant_fp8_ref(randn(N, K, scale=0.05, seed=40))
+    bias = randn(N, dtype=torch.bfloat16, seed=41)
+    exact = x.float() @ (w.float() * sw[:, None]).t() + bias.float()
+    for bitcast in (False, True):
+        y32 = dequant_gemm(x.float(), w, sw, bias, bitcast=bitcast)  # out_dtype defaults to x's: fp32
+        assert y32.dtype == torch.float32 and rel_rms(y32, exact) < 1e-5
+        y = dequant_gemm(x.float(), w, sw, bias, bitcast=bitcast, out_dtype=torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, dequant_gemm(x, w, sw, bias, bitcast=bitcast))
+    xf = randn(M, K, seed=K + 1) * 1e3  # genuinely fp32 values, far outside bf16's precision
+    ref = xf.double() @ (w.double() * sw.double()[:, None]).t()
+    assert rel_rms(dequant_gemm(xf, w, sw), ref) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
