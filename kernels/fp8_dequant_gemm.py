@@ -101,12 +101,17 @@ GEMM_CONFIGS = [
     _cfg(128, 128, 64, 4, 4, False), _cfg(128, 256, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
     _cfg(64, 128, 64, 4, 4, False), _cfg(64, 256, 64, 3, 8, False),  # for M of a few dozen to a few hundred
 ]
-# FMA GEMV (M <= 4, no tensor cores): BLOCK_N whole weight rows per program, K unrolled in BLOCK_K tiles. Small
-# tiles (4 x 512 at 4 warps: one 16-byte load per thread and tile) give many light programs per SM; larger ones
-# fewer programs with more loads each. Which keeps the most bytes in flight is for the autotuner to measure.
-FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in
-                    [(4, 512, 4), (8, 512, 4), (16, 512, 8), (8, 256, 4), (16, 256, 4), (4, 256, 2), (2, 1024, 4),
-                     (32, 128, 4), (8, 1024, 8)]]
+# FMA GEMV (M <= 4, no tensor cores): BLOCK_N whole weight rows per program, K unrolled in BLOCK_K tiles. What
+# makes it fast is how many weight rows are in flight per SM, i.e. rows per program x programs per SM, and the
+# latter is set by registers: 65536 per SM / (registers per thread x threads). H200, GPU session 7 (each config
+# fixed, bench/kernels_gpu.py's gemv section): 32 x 128 at 4 warps needs 132 registers, so 3 programs (96 rows)
+# fit an SM; capped at 128 (maxnreg) 4 programs (128 rows) do, and the one GEMV over all of SD3.5 Large's adaLN
+# took 0.709 instead of 0.809 ms, the fastest of the 20 configs tried there and per layer. A cap must not spill
+# (tests/test_kernels.py checks every capped config). The others won or came close on some shape; the autotuner
+# measures them per (N, K).
+FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1, maxnreg=r) for bn, bk, w, r
+                    in [(32, 128, 4, 128), (16, 256, 4, None), (8, 256, 2, None), (16, 128, 4, None), (16, 128, 4, 96),
+                        (8, 128, 2, None), (32, 64, 4, 96), (4, 256, 2, None)]]
 FMA_MAX_K_TILES = 32  # the unrolled K loop: configs with more tiles than this are pruned
 FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time)
 # the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
@@ -354,52 +359,38 @@ ROUTES = ("auto", "fused", "dequant")
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 bitcast: bool | None = None, route: str = "auto", out_dtype: torch.dtype | None = None
-                 ) -> torch.Tensor:
-    """y [M, N] (out_dtype, default x's) = x @ (w.float() * w_scale[:, None]).T + bias, with fp32 accumulation.
-    x [M, K] bf16/fp16, or fp32 where the FMA GEMV runs (M <= FMA_MAX_M, K <= FMA_MAX_K; see X_F32 in the module
-    docstring); w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring.
+                 bitcast: bool | None = None, route: str = "auto") -> torch.Tensor:
+    """y [M, N] (x's dtype) = x @ (w.float() * w_scale[:, None]).T + bias, with fp32 accumulation.
+    x [M, K] bf16/fp16, w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring.
     route: "auto" (fused kernels below DEQUANT_ROUTE_MIN_M rows, dequant_weight + F.linear from there on), or
     "fused" / "dequant" to force one."""
     if route not in ROUTES:
         raise InputError(f"dequant_gemm: route={route!r} is not one of {ROUTES}")
     M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
-    fma = M <= FMA_MAX_M and not (M and x.shape[1] > FMA_MAX_K)
-    if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and (route == "dequant" or not fma):
-        raise InputError(f"dequant_gemm: fp32 x is taken by the FMA GEMV only (M <= {FMA_MAX_M}, K <= {FMA_MAX_K}, "
-                         f"route 'auto' or 'fused'); got x {list(x.shape)}, route {route!r}: pass bf16 or fp16")
     if route == "dequant" or (route == "auto" and M >= DEQUANT_ROUTE_MIN_M):
-        return _dequant_then_linear(x, w, w_scale, bias, bitcast, out_dtype)
+        return _dequant_then_linear(x, w, w_scale, bias, bitcast)
     # a handful of rows: the FMA GEMV, which streams the weight faster than the 16-row MMA tile at every measured
     # shape (H200: 1.2-1.5x, see the module docstring); wider rows than its unrolled loop takes go to the MMA one
-    return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma" if fma else "mma", out_dtype)
+    if M > FMA_MAX_M or (M and x.shape[1] > FMA_MAX_K):
+        return _dequant_gemm(x, w, w_scale, bias, bitcast, "mma")
+    return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma")
 
 
-def _dequant_then_linear(x, w, w_scale, bias, bitcast, out_dtype=None) -> torch.Tensor:
+def _dequant_then_linear(x, w, w_scale, bias, bitcast) -> torch.Tensor:
     """The large-M route: the weight in x's dtype (one pass), then cuBLAS."""
     check_tensor("dequant_gemm", "x", x, (torch.bfloat16, torch.float16), ndim=2)
-    _check_out_dtype(out_dtype)
     if w.dim() == 2 and w.shape[1] != x.shape[1]:
         raise InputError(f"dequant_gemm: x is {list(x.shape)} but w is {list(w.shape)}; w must be [N, {x.shape[1]}]")
     if bias is not None:
         check_tensor("dequant_gemm", "bias", bias, (torch.bfloat16, torch.float16, torch.float32), ndim=1)
     wd = dequant_weight(w, w_scale, x.dtype, bitcast)
-    y = F.linear(x, wd, None if bias is None else bias.to(x.dtype))
-    return y if out_dtype in (None, x.dtype) else y.to(out_dtype)
+    return F.linear(x, wd, None if bias is None else bias.to(x.dtype))
 
 
-def _check_out_dtype(out_dtype) -> None:
-    if out_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
-        raise InputError(f"dequant_gemm: out_dtype={out_dtype} is not supported; use torch.bfloat16, float16 or "
-                         f"float32")
-
-
-def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """path: "fma" (the FMA GEMV, M <= 4; x may be fp32) or "mma" (tensor cores; GEMV configs up to 16 rows, GEMM
-    above)."""
+def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
+    """path: "fma" (the FMA GEMV, M <= 4) or "mma" (tensor cores; GEMV configs up to 16 rows, GEMM above)."""
     fn = "dequant_gemm"
-    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16) + ((torch.float32,) if path == "fma" else ()), ndim=2)
-    _check_out_dtype(out_dtype)
+    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16), ndim=2)
     check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2, int64=True)  # e.g. all of a model's adaLN weights at once
     M, K = x.shape
     N = w.shape[0]
@@ -418,14 +409,14 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str, out_dtype: torch.dtyp
         w = w.view(FP8)
     if bitcast:
         w = w.view(torch.uint8)
-    if dev.type == "cuda" and torch.bfloat16 in (x.dtype, out_dtype) and capability(dev) < (8, 0):
+    if dev.type == "cuda" and x.dtype == torch.bfloat16 and capability(dev) < (8, 0):
         raise HardwareError("dequant_gemm: bf16 needs compute capability 8.0+; pass fp16 activations")
 
-    out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=dev)
+    out = torch.empty((M, N), dtype=x.dtype, device=dev)
     if M == 0 or N == 0:
         return out
     if K == 0:
-        return dequant_gemm_ref(x, w, w_scale, bias).to(out.dtype)
+        return dequant_gemm_ref(x, w, w_scale, bias)
     args = (x, w, out, w_scale, bias if bias is not None else out, M, N, K, x.stride(0), w.stride(0), out.stride(0))
     flags = dict(W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, BITCAST=bool(bitcast))
     with on_device(dev):

@@ -212,10 +212,7 @@ class FastMMDiT(nn.Module):
             elif sc.is_cuda and resolve_impl(sc.device) == "triton":
                 from kernels.fp8_dequant_gemm import dequant_gemm
 
-                # x in fp32 (exact: it is the bf16 SiLU upcast): the GEMV then converts nothing per weight row
-                # (kernels/fp8_dequant_gemm.py, "x in fp32")
-                sc = sc.to(self.adaln_b.dtype).float().contiguous()
-                allm = dequant_gemm(sc, self.adaln_w, self.adaln_s, self.adaln_b, out_dtype=self.adaln_b.dtype)
+                allm = dequant_gemm(sc.to(self.adaln_b.dtype).contiguous(), self.adaln_w, self.adaln_s, self.adaln_b)
             else:
                 w = (self.adaln_w.float() * self.adaln_s[:, None]).to(self.adaln_b.dtype)
                 allm = F.linear(sc.to(w.dtype), w, self.adaln_b)

@@ -96,6 +96,8 @@ def build(name, kernel, sig, consts, arch=90, cfg=None, warps=4, stages=3, **opt
     fn = jit_fn(kernel)
     if cfg is not None:
         consts, warps, stages = {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
+        if cfg.maxnreg:
+            options = {"maxnreg": cfg.maxnreg, **options}
     signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
     # what the launcher attaches at run time: 16-byte aligned pointers, strides / N / K divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")
