@@ -79,6 +79,7 @@ from kernels._common import (
     on_device,
     pick_configs,
     round_to,
+    tune_bench,
 )
 from minisd35.errors import HardwareError, InputError
 
@@ -346,12 +347,13 @@ def _prune_fma(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_fma_gemv = triton.autotune(configs=pick_configs(FMA_GEMV_CONFIGS, CPU_FMA_GEMV_CONFIGS),
+_fma_gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(FMA_GEMV_CONFIGS, CPU_FMA_GEMV_CONFIGS),
                             key=["N", "K", "BITCAST", "ROWS"], prune_configs_by={"early_config_prune": _prune_fma},
                             )(_even_k(_k_tiles(_dequant_gemv_kernel)))
 _mma = _even_k(_dequant_gemm_kernel)
-_gemv = triton.autotune(configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS), key=["N", "K", "BITCAST"])(_mma)
-_gemm = triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS),
+_gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS),
+                        key=["N", "K", "BITCAST"])(_mma)
+_gemm = triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMM_CONFIGS, CPU_GEMM_CONFIGS),
                         key=["N", "K", "BITCAST", "M_BUCKET"])(_mma)
 FMA_MAX_M = 4  # M up to this may use the FMA GEMV
 DEQUANT_ROUTE_MIN_M = 512  # M from this on: dequantise the weight, then cuBLAS (see the module docstring)

@@ -79,6 +79,7 @@ from kernels._common import (
     grouped_tile,
     on_device,
     pick_configs,
+    tune_bench,
 )
 from minisd35.errors import HardwareError, InputError
 
@@ -135,7 +136,7 @@ def _gelu_tanh(x):
     return x / (1.0 + tl.exp(-2.0 * u))
 
 
-@triton.autotune(configs=pick_configs(GEMM_CONFIGS, CPU_CONFIGS),
+@triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMM_CONFIGS, CPU_CONFIGS),
                  key=["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
@@ -338,14 +339,15 @@ def _fp8_gemm_persistent_body(
 
 _TMA_KEY = ["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES", "WARP_SPEC"]
 _tma_body = triton.heuristics({"PROMOTE": lambda args: min(args["BLOCK_K"], 128)})(_fp8_gemm_tma_body)
-_fp8_gemm_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
+_fp8_gemm_ws = triton.autotune(do_bench=tune_bench, configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
                                prune_configs_by={"early_config_prune": _prune_tma})(_tma_body)
-_fp8_gemm_tma = triton.autotune(configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
+_fp8_gemm_tma = triton.autotune(do_bench=tune_bench, configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_TMA_KEY,
                                 prune_configs_by={"early_config_prune": _prune_tma})(_tma_body)
 # the persistent kernel: 8 warps (no warp specialisation), 128-row tiles; 128 x 256 spills with precise accumulation
 PERSISTENT_CONFIGS = [_tma_cfg(128, 128, 128, 3, 8), _tma_cfg(128, 128, 128, 4, 8), _tma_cfg(128, 256, 128, 3, 8),
                       _tma_cfg(128, 128, 128, 5, 8)]
 _fp8_gemm_persistent = triton.autotune(
+    do_bench=tune_bench,
     configs=pick_configs(PERSISTENT_CONFIGS, CPU_TMA_CONFIGS), key=["N", "K", "ACC_MODE", "ACT", "HAS_GATE", "HAS_RES"],
     prune_configs_by={"early_config_prune": lambda cfgs, named_args, **kw: _prune_tma(
         cfgs, {**named_args, **kw, "WARP_SPEC": False})},

@@ -49,6 +49,7 @@ from kernels._common import (
     prune_row_tiles,
     round_first,
     to_e4m3,
+    tune_bench,
 )
 from minisd35.errors import InputError
 
@@ -66,7 +67,7 @@ QUANT_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4,
 CPU_CONFIGS = [triton.Config({"BLOCK_M": 2}, num_warps=4)]  # the interpreter: one config, nothing to time
 
 
-@triton.autotune(configs=pick_configs(QUANT_CONFIGS, CPU_CONFIGS), key=["K", "MODE"],
+@triton.autotune(do_bench=tune_bench, configs=pick_configs(QUANT_CONFIGS, CPU_CONFIGS), key=["K", "MODE"],
                  prune_configs_by={"early_config_prune": prune_row_tiles})
 @triton.jit
 def _quant_kernel(

@@ -64,6 +64,7 @@ from kernels._common import (
     round_first,
     round_to,
     round_to_e4m3_grid,
+    tune_bench,
 )
 from kernels.fp8_quant import quant_fp8_ref
 
@@ -117,7 +118,7 @@ def _codes(x, inv, G_DT: tl.constexpr, ROUND_FIRST: tl.constexpr):
     return q.to(tl.float8e4nv)
 
 
-@triton.autotune(configs=pick_configs(GELU_CONFIGS, CPU_CONFIGS), key=["N"],
+@triton.autotune(do_bench=tune_bench, configs=pick_configs(GELU_CONFIGS, CPU_CONFIGS), key=["N"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"N_FULL": lambda a: a["N"] - a["N"] % a["BLOCK_N"]})
 @triton.jit

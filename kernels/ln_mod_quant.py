@@ -52,6 +52,7 @@ from kernels._common import (
     round_first,
     round_to,
     to_e4m3,
+    tune_bench,
 )
 from kernels.fp8_quant import quant_fp8_ref
 from minisd35.errors import InputError
@@ -62,7 +63,7 @@ LN_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4) fo
 CPU_CONFIGS = [triton.Config({"BLOCK_M": 2}, num_warps=4)]  # the interpreter: one config, nothing to time
 
 
-@triton.autotune(configs=pick_configs(LN_CONFIGS, CPU_CONFIGS), key=["K", "QUANT"],
+@triton.autotune(do_bench=tune_bench, configs=pick_configs(LN_CONFIGS, CPU_CONFIGS), key=["K", "QUANT"],
                  prune_configs_by={"early_config_prune": prune_row_tiles})
 @triton.jit
 def _ln_mod_kernel(

@@ -176,10 +176,8 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None, nv: NVML, iters: int = 10,
             weights_bytes: int | None = None, log=print, ref32: torch.Tensor | None = None) -> dict:
     """One system: first call (compile / autotune / graph capture), then timed steps with energy, peak memory and
-    error vs ref. Memory: `extra_gib` is what a step allocates on top of what was allocated before the first call
-    (activations, workspaces, CUDA-graph pools), taken over the timed steps; the system's MMDiT peak is its own
-    weights plus that. The first call's own peak is kept apart (`first_call_peak_gib`): it also holds what runs
-    once, such as the Triton autotuner's benchmarking (which allocates a 256 MB buffer to flush the L2)."""
+    error vs ref. Memory: `extra_gib` is what the step allocates on top of what was allocated before its first call
+    (activations, workspaces, CUDA-graph pools); the system's MMDiT peak is its own weights plus that."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -187,8 +185,6 @@ def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None,
     out = fn()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    first_extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-    torch.cuda.reset_peak_memory_stats()
     e0 = nv.energy_j()
     ts = cuda_times(fn, iters=iters, warmup=2)
     e1 = nv.energy_j()
@@ -196,12 +192,11 @@ def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None,
     wg = None if weights_bytes is None else weights_bytes / 2**30
     rec = {"system": name, **stats(ts), "first_call_s": first, "extra_gib": extra, "weights_gib": wg,
            "mmdit_peak_gib": None if wg is None else wg + extra,
-           "first_call_peak_gib": None if wg is None else wg + first_extra,
            "energy_j_per_step": None if e0 is None or e1 is None else (e1 - e0) / (iters + 2),
            "rel_rms_vs_bf16": None if ref is None else rel_rms(out.float(), ref.float()),
            "rel_rms_vs_fp32": None if ref32 is None else rel_rms(out.float(), ref32.float()),
            "finite": bool(torch.isfinite(out).all())}
-    peak = f"{rec['mmdit_peak_gib']:6.2f} (first call {rec['first_call_peak_gib']:.2f})" if wg is not None else "n/a"
+    peak = f"{rec['mmdit_peak_gib']:6.2f}" if wg is not None else "   n/a"
     log(f"  {name:44s} {rec['median_ms']:8.2f} ms/step [{rec['p20_ms']:.2f}, {rec['p80_ms']:.2f}]  first "
         f"{first:6.1f}s  peak {peak} GiB  err {rec['rel_rms_vs_bf16'] or 0:.2e} (vs fp32 "
         f"{rec['rel_rms_vs_fp32'] or 0:.2e})"

@@ -4,6 +4,7 @@
   batch 2: relative RMS error, finiteness, forward time of both (written to $OUT/gpu_tests.json when OUT is set);
 - the three FP8 implementations (ref, torch._scaled_mm, triton) agree on real SD3.5 layer shapes;
 - the weight-only kernel's uint8 bit-decoding path (for GPUs whose Triton has no fp8 type) equals the fp8 path;
+- the autotuners' timing helper allocates an L2-sized flush buffer and agrees with triton.testing.do_bench;
 - determinism: the same seed gives byte-identical PNGs twice, in bf16 and in FP8.
 """
 
@@ -86,6 +87,27 @@ def test_fp8_implementations_agree(recipe):
         assert e["triton_vs_ref"] < 5e-3 and e["torch_vs_ref"] < 5e-3, (recipe, M, K, N, e)
         assert e["ref_vs_fp32"] < 0.08
     RESULTS[f"impls_{recipe}"] = rec
+
+
+def test_autotuning_flushes_with_an_l2_sized_buffer():
+    # the autotuners' timing (kernels._common.tune_bench) allocates one L2-sized flush buffer, not Triton's 256 MB,
+    # and measures what a CUDA-event timing of the same call measures
+    from kernels._common import tune_bench
+
+    x = torch.randn(64 * 2**20 // 4, device="cuda")  # 64 MB: a copy takes tens of microseconds
+    y = torch.empty_like(x)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    med, p20, p80 = tune_bench(lambda: y.copy_(x))
+    extra = torch.cuda.max_memory_allocated() - base
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    assert extra <= l2 + 2**20 < 256 * 2**20, (extra, l2)
+    assert 0 < p20 <= med <= p80
+    import triton.testing
+
+    ref = triton.testing.do_bench(lambda: y.copy_(x))
+    assert 0.7 < med / ref < 1.4, (med, ref)
 
 
 def test_dequant_bitcast_path_matches():
