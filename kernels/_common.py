@@ -152,23 +152,32 @@ def tune_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
     """How every autotuner in kernels/ times a config (triton.autotune(do_bench=tune_bench)): Triton's own method,
     the L2 flushed before each run and percentiles of ~25 ms of runs, but flushed with a buffer the size of the
     device's L2 instead of Triton's fixed 256 MB. Autotuning happens inside the model's first forward, with the
-    activations live: on SD3.5 Large FP8 (H200) that 256 MB transient alone set the step's peak memory."""
+    activations live: on SD3.5 Large FP8 (H200) that 256 MB transient set the first call's peak memory (8.53 GiB
+    against 8.36 with this). The buffer is zeroed repeatedly, up to 256 MB of writes: one pass over an L2 (~15 us
+    on an H200) is shorter than launching a Triton kernel from Python, so the timed kernel would wait for the host
+    and a microsecond GEMV would be timed as its launch (seen: the wrong config picked for the M = 2 adaLN)."""
     dev = torch.cuda.current_device()
     flush = torch.empty(max(torch.cuda.get_device_properties(dev).L2_cache_size, 1 << 20) // 4, dtype=torch.int32,
                         device="cuda")
+    passes = max(1, (256 << 20) // (flush.numel() * 4))
+
+    def clear():
+        for _ in range(passes):
+            flush.zero_()
+
     kernel_call()  # compile / first-run costs out of the way
     torch.cuda.synchronize()
     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0.record()
     for _ in range(5):
-        flush.zero_()
+        clear()
         kernel_call()
     t1.record()
     torch.cuda.synchronize()
     n = max(1, min(1000, int(25.0 / max(t0.elapsed_time(t1) / 5, 1e-3))))
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
     for a, b in ev:
-        flush.zero_()  # outside the timed interval
+        clear()  # outside the timed interval
         a.record()
         kernel_call()
         b.record()
