@@ -30,8 +30,8 @@ What it measures (each section is independent: an exception is recorded and the 
   routes    the weight-only GEMM's two routes at M = 64 .. 8858 (fused kernel / dequant_weight + F.linear) against
             bf16 F.linear, and which one route="auto" takes: the data to confirm DEQUANT_ROUTE_MIN_M (target: auto
             <= 1.15x F.linear's time at M = 8858)
-  gemv      the M = 2 adaLN GEMV per layer (Large, Medium) and over all of Large's adaLN at once: the autotuned
-            dequant_gemm and each FMA GEMV config fixed, against bf16 F.linear, replayed in a CUDA graph
+  gemv      the M = 2 adaLN GEMV per layer (Large, Medium) and over all of Large's adaLN at once:
+            dequant_gemm and the FMA GEMV under other configs, against bf16 F.linear, replayed in a CUDA graph
   variants  the FP8 GEMM's kernel variants (default, tma, ws, persistent; add is in gemm) on the four Large layers
             (--layers, --gemm-variants pick fewer) vs _scaled_mm row-wise:
             agreement with fp8_gemm_ref first (a variant that disagrees is reported, not timed), then TFLOP/s
@@ -466,8 +466,7 @@ def bench_dequant(b: Bench) -> dict:
             r = measure(rows, {"case": name, "M": M, "K": K, "N": N, "impl": impl}, run, ref, fn,
                         [(x, wq, s, bias, bitcast) for wq, s in ws])
             fma = M <= D.FMA_MAX_M and not impl.endswith("mma GEMV")
-            launcher = D._fma_gemv if fma else D._gemv if M <= D.GEMV_MAX_M else D._gemm
-            r["config"] = tuned(launcher)
+            r["config"] = str(D.fma_gemv_config(K)) if fma else tuned(D._gemv if M <= D.GEMV_MAX_M else D._gemm)
             if "ms" in r and "ms" in base:
                 r["speedup_vs_linear"] = base["ms"] / r["ms"]
                 if "stream_ms" in r and "stream_ms" in base:
@@ -485,17 +484,17 @@ def bench_dequant(b: Bench) -> dict:
     return {"rows": rows, "L2_bytes": l2}
 
 
-# FMA GEMV configs the gemv section times one by one, beside the autotuned launch: FMA_GEMV_CONFIGS, and others
-# measured in GPU session 7 (bench/results/2026-12-02_h200_session7) that lost on every shape, kept as the yardstick
+# FMA GEMV configs the gemv section times one by one beside dequant_gemm: its two fixed configs, and the others
+# GPU session 7 measured (bench/results/2026-12-02_h200_session7), kept as the yardstick for the choice
 def _gemv_sweep():
     import triton
 
-    from kernels.fp8_dequant_gemm import FMA_GEMV_CONFIGS
+    from kernels.fp8_dequant_gemm import FMA_GEMV_CONFIG, FMA_GEMV_WIDE_CONFIG
 
-    extra = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1, maxnreg=r)
-             for bn, bk, w, r in [(32, 128, 4, None), (32, 128, 4, 112), (16, 256, 4, 112), (16, 128, 4, 80),
-                                  (32, 64, 4, 80), (8, 512, 4, None)]]
-    return list(FMA_GEMV_CONFIGS) + extra
+    others = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1, maxnreg=r)
+              for bn, bk, w, r in [(32, 128, 4, None), (16, 256, 4, None), (16, 128, 4, None), (16, 128, 4, 96),
+                                   (8, 128, 2, None), (32, 64, 4, 96), (4, 256, 2, None)]]
+    return [FMA_GEMV_CONFIG, FMA_GEMV_WIDE_CONFIG] + others
 
 
 def fma_gemv_fixed(cfg):
@@ -520,12 +519,13 @@ def fma_gemv_fixed(cfg):
 
 
 def bench_gemv(b: Bench) -> dict:
-    """The M = 2 adaLN GEMV (weight-only FP8) against bf16 F.linear: the autotuned dequant_gemm and each config of
-    _gemv_sweep() fixed. Per-layer cases are timed as bench_dequant's stream_ms (R calls on R distinct weights in
-    one CUDA graph, no L2 reuse); the one GEMV over every adaLN of SD3.5 Large (2.7 GB of fp8) replayed alone.
-    (GPU session 7 also fed x in fp32, to spare the kernel its bf16 -> fp32 conversions: slower on 37 of 40
-    shape x config pairs, e.g. 0.787 vs 0.709 ms for the best config on the one GEMV; the wider x tile costs
-    registers, hence fewer weight rows in flight. bench/results/2026-12-02_h200_session7/gemv_run1.json.)"""
+    """The M = 2 adaLN GEMV (weight-only FP8) against bf16 F.linear: dequant_gemm (the FMA GEMV with its fixed
+    config) and each config of _gemv_sweep(). Per-layer cases are timed as bench_dequant's stream_ms (R calls on
+    R distinct weights in one CUDA graph, no L2 reuse); the one GEMV over every adaLN of SD3.5 Large (2.7 GB of
+    fp8) replayed alone. (GPU session 7 also fed x in fp32, to spare the kernel its bf16 -> fp32 conversions:
+    slower in 40 of 54 shape x config pairs, e.g. 0.787 vs 0.709 ms for the best config on the one GEMV, likely
+    from the x tile twice as wide: twice the L1 traffic, and registers (16 x 256: 138 instead of 128, so fewer
+    programs per SM). bench/results/2026-12-02_h200_session7/gemv_run1.json.)"""
     from kernels import fp8_dequant_gemm as D
     from kernels._common import print_table, rel_rms
     from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref
@@ -555,7 +555,7 @@ def bench_gemv(b: Bench) -> dict:
         rows.append({"case": name, "N": N, "K": K, "impl": "bf16 F.linear", "calls": R, "ms": base,
                      "weight_GBps": 2 * N * K / base * 1e-6})
         print(f"  {rows[-1]}", flush=True)
-        impls = [("dequant_gemm (autotuned)", "", dequant_gemm)]
+        impls = [("dequant_gemm", str(D.fma_gemv_config(K)), dequant_gemm)]
         impls += [("fixed config", str(c), fma_gemv_fixed(c)) for c in _gemv_sweep()]
         for impl, cfg, fn in impls:
             if b.out_of_time(f"gemv {name} {impl} {cfg}"):
@@ -569,9 +569,7 @@ def bench_gemv(b: Bench) -> dict:
                 return {"rel_err_vs_ref": err, "ms": ms, "speedup_vs_linear": base / ms,
                         "weight_GBps": N * K / ms * 1e-6}
 
-            r = measure(rows, {"case": name, "N": N, "K": K, "impl": impl, "config": cfg, "calls": R}, run)
-            if fn is dequant_gemm:
-                r["config"] = tuned(D._fma_gemv)  # what the autotuner picked for this shape
+            measure(rows, {"case": name, "N": N, "K": K, "impl": impl, "config": cfg, "calls": R}, run)
         del ws
         if b.dev == "cuda":
             torch.cuda.empty_cache()
@@ -834,7 +832,7 @@ def targets(res: dict) -> list[dict]:
             out.append({"target": f"dequant {r['case']} {r['impl']} M={r['M']} time <= 1.15x F.linear",
                         "value": 1 / r["speedup_vs_linear"], "met": 1 / r["speedup_vs_linear"] <= 1.15})
     for r in rows("gemv"):
-        if r.get("impl") == "dequant_gemm (autotuned)" and "speedup_vs_linear" in r:
+        if r.get("impl") == "dequant_gemm" and "speedup_vs_linear" in r:
             out.append({"target": f"GEMV M=2 {r['case']}: dequant_gemm >= 1.6x F.linear (graph)",
                         "value": r["speedup_vs_linear"], "met": r["speedup_vs_linear"] >= 1.6})
     return out

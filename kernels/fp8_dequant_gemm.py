@@ -25,12 +25,13 @@ Two ways to decode the bytes (bitcast=):
 What is fused when, and why (route="auto"; "fused" / "dequant" force one):
   M <= 4 (the adaLN modulation: one row per sample) and K <= 8192: an FMA GEMV without tensor cores: each
     program owns a few whole weight rows, with the K loop unrolled so that all of a row's 16-byte loads are in
-    flight at once (see _dequant_gemv_kernel). H200, GPU session 6 (bench/results/2026-12-02_h200_session6), M = 2,
-    each call on its own weight in a CUDA graph (no launch cost, no L2 reuse): SD3.5 Large's adaLN (2432 -> 14592)
-    13.8 us against bf16 F.linear's 19.5 us (1.41x), Medium's (1536 -> 13824) 10.6 vs 13.4 us (1.27x), and the one
-    GEMV over all of Large's adaLN weights that minisd35/fast.py runs per step (1,108,992 rows) 0.793 vs 1.268 ms
-    (1.599x, 3.4 TB/s of fp8 weight). The MMA kernel's GEMV configs were slower at all three (20.9 us, 13.7 us,
-    0.968 ms), so the choice is fixed rather than timed (which also keeps two processes' outputs equal).
+    flight at once (see _dequant_gemv_kernel, and FMA_GEMV_CONFIG for its one launch config). H200, GPU session 7
+    (bench/results/2026-12-02_h200_session7), M = 2, each call on its own weight in a CUDA graph (no launch cost,
+    no L2 reuse): SD3.5 Large's adaLN (2432 -> 14592) 13.0-13.2 us against bf16 F.linear's 19.5-19.8 us
+    (1.49-1.50x), Medium's (1536 -> 13824) 9.2-9.4 vs 13.3-13.4 us (1.42-1.45x), and the one GEMV over all of
+    Large's adaLN weights that minisd35/fast.py runs per step (1,108,992 rows) 0.708-0.733 vs 1.203-1.255 ms
+    (1.68-1.71x, 3.7-3.8 TB/s of fp8 weight; copy bandwidth 4.2 TB/s). The MMA kernel's GEMV configs are slower
+    at all three (session 6: 20.9 us, 13.7 us, 0.968 ms), so the route is fixed rather than timed.
   4 < M < DEQUANT_ROUTE_MIN_M (512): the fused MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune
     set. Here the product is memory-bound or close to it, and reading 1 byte per weight instead of 2 (and never
     writing a bf16 copy) is what the fusion buys.
@@ -104,20 +105,22 @@ GEMM_CONFIGS = [
 ]
 # FMA GEMV (M <= 4, no tensor cores): BLOCK_N whole weight rows per program, K unrolled in BLOCK_K tiles. What
 # makes it fast is how many weight rows are in flight per SM, i.e. rows per program x programs per SM, and the
-# latter is set by registers: 65536 per SM / (registers per thread x threads). H200, GPU session 7 (each config
-# fixed, bench/kernels_gpu.py's gemv section): 32 x 128 at 4 warps needs 132 registers, so 3 programs (96 rows)
-# fit an SM; capped at 128 (maxnreg) 4 programs (128 rows) do, and the one GEMV over all of SD3.5 Large's adaLN
-# took 0.709 instead of 0.809 ms, the fastest of the 20 configs tried there and per layer. A cap must not spill
-# (tests/test_kernels.py checks every capped config). The others won or came close on some shape; the autotuner
-# measures them per (N, K).
-FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1, maxnreg=r) for bn, bk, w, r
-                    in [(32, 128, 4, 128), (16, 256, 4, None), (8, 256, 2, None), (16, 128, 4, None), (16, 128, 4, 96),
-                        (8, 128, 2, None), (32, 64, 4, 96), (4, 256, 2, None)]]
-FMA_MAX_K_TILES = 32  # the unrolled K loop: configs with more tiles than this are pruned
-FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time)
+# latter is set by registers: 65536 per SM / (registers per thread x threads). 32 x 128 at 4 warps needs 132
+# registers, so 3 programs (96 rows) fit an SM; capped at 128 (maxnreg; no spills up to K = 4096, which
+# tests/test_kernels.py checks) 4 programs (128 rows) do. H200, GPU session 7 (bench/kernels_gpu.py's gemv
+# section, 20 configs each timed alone in a CUDA graph, four runs): the capped 32 x 128 was the fastest config per
+# layer in every run (Large 2432 -> 14592: 13.0-13.2 us, 18.3 uncapped; Medium 1536 -> 13824: 9.2-9.4 us) and
+# within 1% of the fastest on the one GEMV over all of Large's adaLN (0.708-0.733 ms, 0.81 uncapped). It is a
+# fixed choice, not autotuned: Triton's autotuner, timing eager calls, picked configs up to 6% slower per layer in
+# three of those four runs (a 13 us kernel's eager timing does not separate them). Rows wider than 4096 (no
+# M <= 4 layer of SD3.5 has them) take the 8 x 256 config, 2 warps (no spills to K = 8192; not timed there).
+FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
+FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)
+FMA_WIDE_K = 4096  # K above this takes FMA_GEMV_WIDE_CONFIG
+FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time; the FMA one's is unrolled)
 # the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
 CPU_GEMV_CONFIGS, CPU_GEMM_CONFIGS = [_cfg(16, 32, 32, 1, 4, True)], [_cfg(32, 32, 32, 1, 4, False, group=2)]
-CPU_FMA_GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+CPU_FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -335,21 +338,20 @@ def dequant_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = 
     return out
 
 
-# Three autotuned launchers (all keyed on the layer shape N, K): the FMA GEMV for M <= 4, and the MMA kernel with
-# its GEMV (M <= 16) and GEMM config sets.
+# The launchers: the FMA GEMV for M <= 4 (one fixed config, see FMA_GEMV_CONFIG), and the MMA kernel with its
+# GEMV (M <= 16) and GEMM config sets, autotuned on the layer shape N, K.
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _k_tiles = triton.heuristics({"K_TILES": lambda args: triton.cdiv(args["K"], args["BLOCK_K"])})
 
 
-def _prune_fma(configs, named_args, **kwargs):
-    K = {**named_args, **kwargs}["K"]
-    kept = [c for c in configs if triton.cdiv(K, c.kwargs["BLOCK_K"]) <= FMA_MAX_K_TILES]
-    return kept or configs[:1]
+def fma_gemv_config(K: int) -> triton.Config:
+    """The FMA GEMV's launch config for rows of K (see FMA_GEMV_CONFIG)."""
+    if interpreting() or not torch.cuda.is_available():
+        return CPU_FMA_GEMV_CONFIG
+    return FMA_GEMV_CONFIG if K <= FMA_WIDE_K else FMA_GEMV_WIDE_CONFIG
 
 
-_fma_gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(FMA_GEMV_CONFIGS, CPU_FMA_GEMV_CONFIGS),
-                            key=["N", "K", "BITCAST", "ROWS"], prune_configs_by={"early_config_prune": _prune_fma},
-                            )(_even_k(_k_tiles(_dequant_gemv_kernel)))
+_fma_gemv = _even_k(_k_tiles(_dequant_gemv_kernel))
 _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS),
                         key=["N", "K", "BITCAST"])(_mma)
@@ -428,7 +430,9 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
             if K > FMA_MAX_K:
                 raise InputError(f"dequant_gemm: the FMA GEMV takes K <= {FMA_MAX_K} (its K loop is unrolled), "
                                  f"got K={K}")
-            _fma_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, ROWS=M, **flags)
+            cfg = fma_gemv_config(K)
+            opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
+            _fma_gemv[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](*args, ROWS=M, **flags, **cfg.kwargs, **opts)
         else:
             launch = _gemv if M <= GEMV_MAX_M else _gemm
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
