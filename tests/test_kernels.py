@@ -382,14 +382,16 @@ for cfg in (swap(gemv, True), swap(gemv, False), swap(gemm, True), swap(gemm, Fa
         build(f"dequant {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemm_kernel,
               {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig,
               dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, DOT_F32=False, EVEN_K=True), 90, cfg=cfg)
-fma_cases = [(fp8_dequant_gemm.FMA_GEMV_CONFIG, K) for K in (1536, 2432, fp8_dequant_gemm.FMA_WIDE_K)]
-fma_cases += [(fp8_dequant_gemm.FMA_GEMV_WIDE_CONFIG, K) for K in (fp8_dequant_gemm.FMA_WIDE_K + 16,
-              fp8_dequant_gemm.FMA_MAX_K)]
-for cfg, K in fma_cases:  # SD3.5's adaLN widths and each config's widest rows
+D = fp8_dequant_gemm
+fma_cases = [(D.FMA_GEMV_CONFIG, K, False, 90) for K in (1536, 2432, D.FMA_WIDE_K)]
+fma_cases += [(D.FMA_GEMV_BITCAST_CONFIG, K, True, 80) for K in (1536, 2432, D.FMA_WIDE_K)]
+fma_cases += [(D.FMA_GEMV_WIDE_CONFIG, K, bc, arch) for K in (D.FMA_WIDE_K + 16, D.FMA_MAX_K)
+              for bc, arch in ((False, 90), (True, 80))]
+for cfg, K, bitcast, arch in fma_cases:  # SD3.5's adaLN widths and each config's widest rows
     bk = cfg.kwargs["BLOCK_K"]
-    build(f"dequant FMA GEMV {cfg.kwargs} maxnreg={cfg.maxnreg} K={K}", fp8_dequant_gemm._dequant_gemv_kernel, d_sig,
-          dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=False, ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0), 90,
-          cfg=cfg)
+    build(f"dequant FMA GEMV {cfg.kwargs} maxnreg={cfg.maxnreg} K={K} bitcast={bitcast}", D._dequant_gemv_kernel,
+          {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast,
+          ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0), arch, cfg=cfg)
 for cfg in (fp8_dequant_gemm.FMA_GEMV_CONFIG, fp8_dequant_gemm.FMA_GEMV_WIDE_CONFIG):
     for bitcast in (False, True):
         build(f"dequant FMA GEMV {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemv_kernel,
@@ -429,10 +431,10 @@ def test_kernels_compile_for_the_gpu():
     per_thread = big.kwargs["BLOCK_M"] * big.kwargs["BLOCK_N"] // (32 * big.num_warps)
     fast, precise_add, precise = (builds[(f"gemm acc={i}", 90)]["fadd"] for i in range(3))
     assert precise - fast >= per_thread and precise_add - fast >= per_thread
-    # the FMA GEMV's register cap (maxnreg, which buys programs per SM) costs no spills up to the widest rows its
-    # config takes: a spill to local memory in a kernel that lives on memory parallelism gives back what it bought
+    # the FMA GEMV's configs (one with a register cap, which buys programs per SM) spill nothing up to the widest
+    # rows each takes: a spill to local memory in a kernel that lives on memory parallelism gives back the gain
     gemv = [r for (name, _), r in builds.items() if name.startswith("dequant FMA GEMV {") and "K=" in name]
-    assert len(gemv) == 5
+    assert len(gemv) == 10
     if gemv[0]["stack"] is not None:
         assert all(r["stack"] == 0 for r in gemv), [(r["name"], r["stack"]) for r in gemv if r["stack"]]
     # ln_mod keeps torch's two roundings of x * (1 + scale) + shift: no bf16 fma fusing them into one
