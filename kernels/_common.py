@@ -153,9 +153,9 @@ def tune_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
     the L2 flushed before each run and percentiles of ~25 ms of runs, but flushed with a buffer the size of the
     device's L2 instead of Triton's fixed 256 MB. Autotuning happens inside the model's first forward, with the
     activations live: on SD3.5 Large FP8 (H200) that 256 MB transient set the first call's peak memory (8.53 GiB
-    against 8.36 with this). The buffer is zeroed repeatedly, up to 256 MB of writes: one pass over an L2 (~15 us
-    on an H200) is shorter than launching a Triton kernel from Python, so the timed kernel would wait for the host
-    and a microsecond GEMV would be timed as its launch (seen: the wrong config picked for the M = 2 adaLN)."""
+    against 8.36 with this). The buffer is zeroed repeatedly, up to 256 MB of writes, so that the GPU still stays
+    ahead of the host as it does behind Triton's flush: one pass over an L2 (~15 us on an H200) is shorter than
+    launching a Triton kernel from Python, and a kernel of a few microseconds would be timed waiting for it."""
     dev = torch.cuda.current_device()
     flush = torch.empty(max(torch.cuda.get_device_properties(dev).L2_cache_size, 1 << 20) // 4, dtype=torch.int32,
                         device="cuda")

@@ -114,8 +114,8 @@ GEMM_CONFIGS = [
 # section, 20 configs each timed alone in a CUDA graph, four runs): the capped 32 x 128 was the fastest config per
 # layer in every run (Large 2432 -> 14592: 13.0-13.2 us, 18.3 uncapped; Medium 1536 -> 13824: 9.2-9.4 us) and
 # within 1% of the fastest on the one GEMV over all of Large's adaLN (0.708-0.733 ms, 0.81 uncapped). It is a
-# fixed choice, not autotuned: Triton's autotuner, timing eager calls, picked configs up to 6% slower per layer in
-# three of those four runs (a 13 us kernel's eager timing does not separate them). Rows wider than 4096 (no
+# fixed choice, not autotuned: Triton's autotuner, timing eager calls, picked configs 3.5-5.7% slower per layer in
+# two of three runs (a 13 us kernel's eager timing does not separate them). Rows wider than 4096 (no
 # M <= 4 layer of SD3.5 has them) take the 8 x 256 config, 2 warps (no spills to K = 8192; not timed there).
 FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
 FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)

@@ -392,14 +392,10 @@ for cfg, K, bitcast, arch in fma_cases:  # SD3.5's adaLN widths and each config'
     build(f"dequant FMA GEMV {cfg.kwargs} maxnreg={cfg.maxnreg} K={K} bitcast={bitcast}", D._dequant_gemv_kernel,
           {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast,
           ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0), arch, cfg=cfg)
-for cfg in (fp8_dequant_gemm.FMA_GEMV_CONFIG, fp8_dequant_gemm.FMA_GEMV_WIDE_CONFIG):
-    for bitcast in (False, True):
-        build(f"dequant FMA GEMV {cfg.kwargs} bitcast={bitcast}", fp8_dequant_gemm._dequant_gemv_kernel,
-              {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig,
-              dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast, ROWS=2, K_TILES=4, EVEN_K=True), 90, cfg=cfg)
-    build(f"dequant FMA GEMV sm80 {cfg.kwargs} bitcast", fp8_dequant_gemm._dequant_gemv_kernel,
-          {**d_sig, "w_ptr": "*u8"}, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False),
-          80, cfg=cfg)
+for cfg in (D.FMA_GEMV_BITCAST_CONFIG, D.FMA_GEMV_WIDE_CONFIG):  # 3 rows, a masked K tail, fp16 (the sm80 case)
+    build(f"dequant FMA GEMV sm80 {cfg.kwargs} fp16 bitcast", D._dequant_gemv_kernel,
+          {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
+          dict(W_PER_COL=False, HAS_BIAS=False, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False), 80, cfg=cfg)
 for cfg in (fp8_dequant_gemm.GEMV_CONFIGS[1], fp8_dequant_gemm.GEMM_CONFIGS[2]):
     build(f"dequant sm80 bitcast {cfg.kwargs}", fp8_dequant_gemm._dequant_gemm_kernel,
           {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
