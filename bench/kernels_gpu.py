@@ -510,20 +510,14 @@ def _gemv_bitcast_sweep():
 
 def fma_gemv_fixed(cfg, bitcast: bool = False):
     """dequant_gemm's FMA GEMV launched with one config, bias and per-channel scale (bitcast: uint8 codes)."""
-    import triton
-
     from kernels import fp8_dequant_gemm as D
-
-    kernel = D._even_k(D._k_tiles(D._dequant_gemv_kernel))
-    opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
 
     def f(x, w, s, bias, out_dtype=torch.bfloat16):
         M, K = x.shape
         N = w.shape[0]
         out = torch.empty(M, N, dtype=out_dtype, device=x.device)
-        kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](x, w, out, s, bias, M, N, K, x.stride(0), w.stride(0),
-                                                        out.stride(0), W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast,
-                                                        ROWS=M, **cfg.kwargs, **opts)
+        args = (x, w, out, s, bias, M, N, K, x.stride(0), w.stride(0), out.stride(0))
+        D.fma_gemv_launch(cfg, args, M, N, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast))
         return out
 
     return f

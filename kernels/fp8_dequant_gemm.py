@@ -363,6 +363,12 @@ def fma_gemv_config(K: int, bitcast: bool = False) -> triton.Config:
 
 
 _fma_gemv = _even_k(_k_tiles(_dequant_gemv_kernel))
+
+
+def fma_gemv_launch(cfg: triton.Config, args: tuple, M: int, N: int, flags: dict) -> None:
+    """Launch the FMA GEMV with one config; args as _dequant_gemv_kernel takes them, up to stride_om."""
+    opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
+    _fma_gemv[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](*args, ROWS=M, **flags, **cfg.kwargs, **opts)
 _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS),
                         key=["N", "K", "BITCAST"])(_mma)
@@ -441,9 +447,7 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
             if K > FMA_MAX_K:
                 raise InputError(f"dequant_gemm: the FMA GEMV takes K <= {FMA_MAX_K} (its K loop is unrolled), "
                                  f"got K={K}")
-            cfg = fma_gemv_config(K, bool(bitcast))
-            opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
-            _fma_gemv[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](*args, ROWS=M, **flags, **cfg.kwargs, **opts)
+            fma_gemv_launch(fma_gemv_config(K, bool(bitcast)), args, M, N, flags)
         else:
             launch = _gemv if M <= GEMV_MAX_M else _gemm
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
