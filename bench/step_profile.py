@@ -1,0 +1,112 @@
+"""Where one FP8 step spends its GPU time: SD3.5 Large (random weights), 1024x1024, CFG batch 2, the fused forward
+(minisd35.fast, not graphed, so that the profiler sees each kernel) under torch.profiler, with every kernel put in a
+family (FP8 GEMM, attention, each fused memory-bound kernel, elementwise) and, for the memory-bound families, the
+bandwidth they reach against the copy bandwidth measured in the same run.
+
+    python bench/step_profile.py --out $OUT/profile.json [--policy default] [--fast-accum]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from minisd35 import fp8  # noqa: E402
+from minisd35.bench import env_info, random_mmdit, step_inputs  # noqa: E402
+from minisd35.config import get_preset  # noqa: E402
+from minisd35.fast import accelerate  # noqa: E402
+
+# kernel name substring -> family; first match wins (cuBLAS / CUTLASS GEMM names vary by version, so "gemm" last)
+FAMILIES = [
+    ("_ln_mod_quant", "ln_mod_quant"), ("_ln_mod", "ln_mod"), ("_qk_norm", "qk_norm_split"),
+    ("_gelu_quant", "gelu_quant"), ("_quant", "quant (per token)"), ("dequant", "fp8 GEMV (adaLN)"),
+    ("fmha", "attention"), ("sdpa", "attention"), ("flash", "attention"), ("attention", "attention"),
+    ("cudnn", "attention"), ("addcmul", "gated residual (addcmul)"), ("elementwise", "other elementwise"),
+    ("vectorized", "other elementwise"), ("gemm", "GEMM"), ("xmma", "GEMM"), ("cutlass", "GEMM"),
+    ("sm90", "GEMM"), ("copy", "copies"),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for sub, fam in FAMILIES:
+        if sub in low:
+            return fam
+    return "other"
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write counted)."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(10):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * 2**30 * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="sd3.5-large")
+    ap.add_argument("--px", type=int, default=1024)
+    ap.add_argument("--policy", default="default")
+    ap.add_argument("--fast-accum", action="store_true")
+    ap.add_argument("--out", default="profile.json")
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    res = {"env": env_info(), "variant": args.variant, "px": args.px, "batch": 2, "policy": args.policy,
+           "fast_accum": args.fast_accum, "copy_gbs": copy_bandwidth()}
+    cfg = get_preset(args.variant).mmdit
+    model = random_mmdit(cfg)
+    if args.policy != "bf16":
+        fp8.quantize(model, args.policy)
+    inputs = step_inputs(cfg, args.px, 2)
+    fast = accelerate(model, graphs=False, fast_accum=args.fast_accum)
+    for _ in range(3):
+        fast(*inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fast(*inputs)
+        torch.cuda.synchronize()
+    fams, kernels = defaultdict(lambda: [0.0, 0]), []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        us = ev.cuda_time_total if us is None else us
+        if us <= 0:
+            continue
+        f = family(ev.key)
+        fams[f][0] += us / 1e3
+        fams[f][1] += ev.count
+        kernels.append({"name": ev.key[:160], "family": f, "ms": us / 1e3, "count": ev.count})
+    total = sum(v[0] for v in fams.values())
+    res["total_kernel_ms"] = total
+    res["families"] = {f: {"ms": ms, "calls": n, "share": ms / total} for f, (ms, n) in
+                       sorted(fams.items(), key=lambda kv: -kv[1][0])}
+    res["kernels"] = sorted(kernels, key=lambda k: -k["ms"])[:40]
+    print(f"{args.variant} {args.px}px, policy {args.policy}, fast_accum {args.fast_accum}: "
+          f"{total:.1f} ms of kernel time (copy bandwidth {res['copy_gbs']:.0f} GB/s)")
+    for f, r in res["families"].items():
+        print(f"  {f:28s} {r['ms']:7.2f} ms  {100 * r['share']:5.1f}%  {r['calls']:5d} calls")
+    for k in res["kernels"][:25]:
+        print(f"    {k['ms']:7.2f} ms {k['count']:5d}x  {k['family']:20s} {k['name'][:90]}")
+    Path(args.out).write_text(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
