@@ -71,15 +71,16 @@ CPU_CONFIGS = [triton.Config({"BLOCK_M": 2}, num_warps=4)]  # the interpreter: o
                  prune_configs_by={"early_config_prune": prune_row_tiles})
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_ptr,  # x [M, K] (row stride stride_xm), q [M, K] contiguous, scale [M] or [1]
-    M, K, stride_xm,
+    x_ptr, q_ptr, scale_ptr, amax_ptr,  # x [M, K] (or [B, L, K], see below), q [M, K] contiguous, scale [M] or [1]
+    M, K, L, stride_xb, stride_xm,
     MODE: tl.constexpr, ONE_TILE: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    # row r of the [M, K] matrix is token r % L of sample r // L: a 2-D x has L = M (and one "sample")
+    x_rows = x_ptr + (rows // L).to(tl.int64)[:, None] * stride_xb + (rows % L).to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + rows[:, None].to(tl.int64) * K
 
     # 1. amax per row (not needed when the scale or the tensor's amax is given)
@@ -126,16 +127,22 @@ def quant_fp8(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | Non
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (bf16/fp16/fp32, last dim contiguous) -> (x_fp8 [M, K] e4m3, scale fp32 [M] or [1]).
 
+    x may also be a [B, L, K] view with any batch and row strides, M = B * L: the slice of one stream's tokens out
+    of the joint attention output (`out[:, :Li]`), which no 2-D stride describes. The kernel reads it in place
+    instead of a copy (reshape would make one) and writes the rows in (b, l) order.
+
     per_token=True: one scale per row. per_token=False: one scale for the whole tensor (two launches).
     scale=: a calibrated per-tensor dequant scale (1 element, fp32); no amax is computed, per_token is ignored
     and the same tensor is returned as the scale.
     """
     fn = "quant_fp8"
-    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16, torch.float32), ndim=3 if x.dim() == 3 else 2)
     if scale is not None:
         check_scale(fn, "scale", scale, 1, "tensor")
     dev = check_device(fn, x, scale)
-    M, K = x.shape
+    x3 = x if x.dim() == 3 else x[None]  # [B, L, K]
+    L, K = x3.shape[1:]
+    M = x3.shape[0] * L
     q = torch.empty((M, K), dtype=FP8, device=dev)
     if scale is not None:
         mode, out_scale = STATIC, scale
@@ -152,19 +159,19 @@ def quant_fp8(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | Non
         amax = out_scale  # unused unless per-tensor
         if mode is TENSOR:  # launch 1 of 2: amax over the whole tensor (atomic max into one fp32)
             amax = torch.zeros(1, dtype=torch.float32, device=dev)
-            _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=AMAX.value, ONE_TILE=one_tile,
-                                ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
-        _quant_kernel[grid](x, q, out_scale, amax, M, K, x.stride(0), MODE=mode.value, ONE_TILE=one_tile,
-                            ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
+            _quant_kernel[grid](x, q, out_scale, amax, M, K, L, x3.stride(0), x3.stride(1), MODE=AMAX.value,
+                                ONE_TILE=one_tile, ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
+        _quant_kernel[grid](x, q, out_scale, amax, M, K, L, x3.stride(0), x3.stride(1), MODE=mode.value,
+                            ONE_TILE=one_tile, ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
     return q, out_scale
 
 
 def quant_fp8_ref(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch quant_fp8 with the same semantics (runs anywhere, any torch >= 2.4)."""
-    if x.dim() != 2:
-        raise InputError(f"quant_fp8_ref: x has shape {tuple(x.shape)}; expected [M, K]")
-    xf = x.float()
+    if x.dim() not in (2, 3):
+        raise InputError(f"quant_fp8_ref: x has shape {tuple(x.shape)}; expected [M, K] or [B, L, K]")
+    xf = x.float().reshape(-1, x.shape[-1])
     if scale is None:
         amax = xf.abs().amax(dim=1) if per_token else xf.abs().amax().reshape(1)
         amax = amax.clamp_min(SCALE_FLOOR)

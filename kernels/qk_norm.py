@@ -3,9 +3,12 @@ in one pass over the GEMM output.
 
     qkv [B*L, 3*H*hd]   one stream's fused qkv output, row-major; a row is [q | k | v], each H heads of hd values
                         (the [Wq; Wk; Wv] weight layout, each head-major)
-    q, k, v             the joint attention buffers [B, H, Ltot, hd], contiguous, allocated by the caller; this
-                        stream's tokens go to sequence positions offset .. offset+L of every batch row (image
-                        tokens at 0, text tokens after them, as the model concatenates them)
+    q, k, v             the joint attention buffers [B, H, Ltot, hd], allocated by the caller, all three with the
+                        same strides and hd contiguous; this stream's tokens go to sequence positions offset ..
+                        offset+L of every batch row (image tokens at 0, text tokens after them, as the model
+                        concatenates them). fast.py allocates them as [B, Ltot, H, hd] in memory (transposed
+                        views): SDPA then returns its output in that layout too, and [B, Ltot, H * hd] - the
+                        proj GEMM's input - is a view of it, not a copy
     q = RMSNorm(q_h) * wq,  k = RMSNorm(k_h) * wk,  v = v_h      per head h, over its hd values
 
 Unfused, torch does this in about nine passes: view + permute, x.float(), pow, mean, rsqrt, the multiply, the cast,
@@ -80,7 +83,7 @@ def _rms_norm(x, w_ptr, d, HD: tl.constexpr, eps, HAS_W: tl.constexpr, W_LOWP: t
 @triton.jit
 def _qk_norm_kernel(
     qkv_ptr, wq_ptr, wk_ptr, q_ptr, k_ptr, v_ptr,
-    L, heads, Ltot, offset, stride_row, eps,
+    L, heads, offset, stride_row, stride_ob, stride_oh, stride_ol, eps,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
     WQ_LOWP: tl.constexpr, WQ_DT: tl.constexpr, WK_LOWP: tl.constexpr, WK_DT: tl.constexpr,
     X_DT: tl.constexpr, O_DT: tl.constexpr, ROUND_FIRST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -97,8 +100,9 @@ def _qk_norm_kernel(
     xq = tl.load(src, mask=mask, other=0.0)
     xk = tl.load(src + heads * HD, mask=mask, other=0.0)
     xv = tl.load(src + 2 * heads * HD, mask=mask, other=0.0)
-    # destination: [b, h, offset + tok, :] of the [B, H, Ltot, hd] buffers, one contiguous BLOCK_L x hd block
-    dst = ((b * heads + h).to(tl.int64) * Ltot + offset + tok)[:, None] * HD + d[None, :]
+    # destination: [b, h, offset + tok, :] of the [B, H, Ltot, hd] buffers (BLOCK_L rows of hd contiguous values)
+    dst = (b.to(tl.int64) * stride_ob + h * stride_oh + (offset + tok).to(tl.int64)[:, None] * stride_ol
+           + d[None, :])
     tl.store(v_ptr + dst, xv.to(v_ptr.dtype.element_ty), mask=mask)
     yq = _rms_norm(xq, wq_ptr, d, HD, eps, HAS_WQ, WQ_LOWP, WQ_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
     tl.store(q_ptr + dst, yq.to(q_ptr.dtype.element_ty), mask=mask)
@@ -123,9 +127,9 @@ def _check(fn: str, qkv, B: int, L: int, heads: int, hd: int, wq, wk, q, k, v, o
         if t.shape[:2] != (B, heads) or t.shape[3] != hd or t.shape != q.shape:
             raise InputError(f"{fn}: {name} has shape {tuple(t.shape)}; expected [B, heads, Ltot, hd] = "
                              f"[{B}, {heads}, Ltot, {hd}], the same for q, k and v")
-        if not t.is_contiguous():
-            raise InputError(f"{fn}: {name} must be contiguous (the kernel writes [B, heads, Ltot, hd] blocks); "
-                             f"allocate it with torch.empty(B, heads, Ltot, hd)")
+        if t.stride() != q.stride() or t.stride(3) != 1:
+            raise InputError(f"{fn}: {name} has strides {t.stride()}; q, k and v must share one layout with hd "
+                             f"contiguous (q has {q.stride()}), e.g. torch.empty(B, Ltot, heads, hd).transpose(1, 2)")
     Ltot = q.shape[2]
     if not isinstance(offset, int) or offset < 0 or offset + L > Ltot:
         raise InputError(f"{fn}: offset={offset} with L={L} tokens does not fit the buffers' Ltot={Ltot}; "
@@ -145,7 +149,7 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
     """Write RMSNorm(q_h) * wq, RMSNorm(k_h) * wk and v_h of qkv [B*L, 3*heads*hd] into q, k, v [B, heads, Ltot, hd]
     at sequence positions offset .. offset+L. wq / wk: RMSNorm weights [hd], or None (no norm)."""
     fn = "qk_norm_split"
-    Ltot = _check(fn, qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
+    _check(fn, qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
     dev = check_device(fn, qkv, wq, wk, q, k, v, fp8=False)
     if q.dtype != k.dtype:
         raise InputError(f"{fn}: q is {q.dtype} but k is {k.dtype}; the buffers share one dtype")
@@ -162,7 +166,7 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
     with on_device(dev):
         _qk_norm_kernel[grid](
             qkv, wq if wq is not None else qkv, wk if wk is not None else qkv, q, k, v,
-            L, heads, Ltot, offset, qkv.stride(0), float(eps),
+            L, heads, offset, qkv.stride(0), q.stride(0), q.stride(1), q.stride(2), float(eps),
             HD=hd, BLOCK_D=next_pow2(hd), HAS_WQ=wq is not None, HAS_WK=wk is not None,
             WQ_LOWP=wq_lowp, WQ_DT=wq_dt, WK_LOWP=wk_lowp, WK_DT=wk_dt, X_DT=x_dt, O_DT=TL_DTYPES[q.dtype],
             ROUND_FIRST=interpreting(), EVEN_D=next_pow2(hd) == hd,

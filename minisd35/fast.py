@@ -14,8 +14,8 @@ This module removes that overhead by hand, without compiling anything:
 - LayerNorm + modulate (+ per-token FP8 quantisation for W8A8 layers) is one pass feeding each qkv / fc1 GEMM
   (kernels/ln_mod_quant.py);
 - q/k RMSNorm, the head split and the [image, text] concatenation are one pass writing straight into the attention
-  buffers (qk_norm_split below);
-- gate * y + residual is one pass (torch.addcmul), or the GEMM's epilogue (Triton FP8 GEMM);
+  buffers (qk_norm_split below), laid out so that attention's output feeds the proj GEMMs without a copy;
+- gate * y + residual is one pass (kernels/gated_residual.py), or the GEMM's epilogue (Triton FP8 GEMM);
 - GELU + per-token quantisation of the MLP hidden state is one pass;
 - attention runs on the fastest SDPA backend available on the device (cuDNN on Hopper when it works), chosen once;
 - the whole step can be captured as a CUDA graph (`graphed`), removing ~2300 kernel launches of Python overhead.
@@ -59,11 +59,12 @@ def ln_mod_quant(x, shift, scale, rows):
 
 
 def quant_rows(x: torch.Tensor):
+    """Per-token FP8 of x [M, K], or of a [B, L, K] view (read in place on CUDA) as rows in (b, l) order."""
     if _triton_ok(x):
         from kernels.fp8_quant import quant_fp8
 
         return quant_fp8(x, per_token=True)
-    return quantize_act(x, per_token=True)
+    return quantize_act(x.reshape(-1, x.shape[-1]), per_token=True)
 
 
 def gelu_quant(h: torch.Tensor):
@@ -91,9 +92,22 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, 
 
 
 def gated_residual(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, rows: int) -> torch.Tensor:
-    """residual + gate[b] * y for [B*rows, N] matrices: one pass (addcmul) instead of two."""
+    """residual + gate[b] * y for [B*rows, N] matrices: one pass (addcmul, or its kernel on CUDA) instead of two."""
+    if _triton_ok(y):
+        from kernels.gated_residual import gated_residual as k
+
+        return k(y, gate, residual, rows)
     B = gate.shape[0]
     return torch.addcmul(residual.view(B, rows, -1), gate[:, None], y.view(B, rows, -1)).view(B * rows, -1)
+
+
+def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor):
+    """q, k, v [B, H, L, hd] as views of [B, L, H, hd] memory (the layout diffusers' attention has too). Both
+    SDPA backends on CUDA write their output in the query's layout, so out.transpose(1, 2) is [B, L, H * hd]
+    without a copy, and each stream's slice of it goes to its proj GEMM's quantiser in place. With contiguous
+    [B, H, L, hd] buffers, as this path had before, the step copied the attention output twice (3.6 ms of a
+    96 ms SD3.5 Large step on an H200, bench/results/2026-12-02_h200_session8)."""
+    return [torch.empty(B, L, H, hd, dtype=like.dtype, device=like.device).transpose(1, 2) for _ in range(3)]
 
 
 class Linear8:
@@ -128,11 +142,12 @@ class Linear8:
         return y if gate is None else gated_residual(y, gate, residual, rows)
 
     def __call__(self, x, gate=None, residual=None, rows=0):
-        """x [M, K] in the model dtype -> y [M, N]; with gate [B, N] and residual [M, N]: residual + gate * y."""
+        """x [M, K] (or a [B, L, K] view, M = B * L) in the model dtype -> y [M, N]; with gate [B, N] and residual
+        [M, N]: residual + gate * y. A W8A8 layer's quantiser reads a 3-D view in place; others flatten it."""
         if self.per_token:
             x8, xs = quant_rows(x)
             return self.gemm8(x8, xs, x.dtype, gate, residual, rows)
-        y = self.lin(x)
+        y = self.lin(x.reshape(-1, x.shape[-1]))
         return y if gate is None else gated_residual(y, gate, residual, rows)
 
 
@@ -244,18 +259,16 @@ class FastMMDiT(nn.Module):
 
         # q, k, v of both streams straight into the joint attention buffers [B, H, Li + Lt, hd]
         Ltot = Li + Lt
-        q = torch.empty(B, H, Ltot, hd, dtype=x.dtype, device=x.device)
-        k, v = torch.empty_like(q), torch.empty_like(q)
+        q, k, v = attention_buffers(B, H, Ltot, hd, x)
         self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0)
         self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li)
-        out = self.sdpa(q, k, v).transpose(1, 2).reshape(B, Ltot, D)  # SDPA's output is [B, L, H, hd] in memory
+        out = self.sdpa(q, k, v).transpose(1, 2).reshape(B, Ltot, D)  # a view: see attention_buffers
         x_in = x
-        x = self.lin(xb.attn.proj)(out[:, :Li].reshape(B * Li, D), gate=gate_msa, residual=x, rows=Li)
+        x = self.lin(xb.attn.proj)(out[:, :Li], gate=gate_msa, residual=x, rows=Li)
 
         if blk.dual:  # MMDiT-X: a second attention over image tokens only, from the same LN(x_in), own modulation
             shift2, scale2, gate2 = xm[6:]
-            q2 = torch.empty(B, H, Li, hd, dtype=x.dtype, device=x.device)
-            k2, v2 = torch.empty_like(q2), torch.empty_like(q2)
+            q2, k2, v2 = attention_buffers(B, H, Li, hd, x)
             self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0)
             o2 = self.sdpa(q2, k2, v2).transpose(1, 2).reshape(B * Li, D)
             x = self.lin(xb.attn2.proj)(o2, gate=gate2, residual=x, rows=Li)
@@ -263,7 +276,7 @@ class FastMMDiT(nn.Module):
         x = self.mlp(xb, x, shift_mlp, scale_mlp, gate_mlp, Li)
         if blk.pre_only:
             return None, x
-        e = self.lin(cb.attn.proj)(out[:, Li:].reshape(B * Lt, D), gate=em[2], residual=e, rows=Lt)
+        e = self.lin(cb.attn.proj)(out[:, Li:], gate=em[2], residual=e, rows=Lt)
         e = self.mlp(cb, e, em[3], em[4], em[5], Lt)
         return e, x
 

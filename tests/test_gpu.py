@@ -3,6 +3,8 @@
 - the full-size SD3.5 Large and Medium MMDiT (random weights) against diffusers in bf16 and fp16, 1024 px, CFG
   batch 2: relative RMS error, finiteness, forward time of both (written to $OUT/gpu_tests.json when OUT is set);
 - the three FP8 implementations (ref, torch._scaled_mm, triton) agree on real SD3.5 layer shapes;
+- the fused forward (fast.py) with its Triton kernels equals the plain forward, and SDPA keeps the attention
+  buffers' layout (the proj GEMMs read its output without a copy);
 - the weight-only kernel's uint8 bit-decoding path (for GPUs whose Triton has no fp8 type) equals the fp8 path;
 - the autotuners' timing helper allocates an L2-sized flush buffer and agrees with triton.testing.do_bench;
 - determinism: the same seed gives byte-identical PNGs twice, in bf16 and in FP8.
@@ -87,6 +89,46 @@ def test_fp8_implementations_agree(recipe):
         assert e["triton_vs_ref"] < 5e-3 and e["torch_vs_ref"] < 5e-3, (recipe, M, K, N, e)
         assert e["ref_vs_fp32"] < 0.08
     RESULTS[f"impls_{recipe}"] = rec
+
+
+@pytest.mark.parametrize("policy", [None, "default", "row"])
+def test_fast_forward_with_its_kernels_matches_plain(policy):
+    """fast.py on CUDA, where every fused op is its Triton kernel (test_fast.py runs the torch fallbacks): the tiny
+    model in bf16, MMDiT-X blocks and the pre-only last block included, against the plain mmdit.py forward."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_fp8 import tiny_inputs, tiny_model
+
+    from minisd35 import fp8
+    from minisd35.fast import FastMMDiT
+
+    ref = tiny_model(seed=3, dtype=torch.bfloat16).cuda()
+    if policy:
+        fp8.quantize(ref, policy)
+    x, t, ctx, pooled = (a.cuda().bfloat16() if a.ndim > 1 else a.cuda() for a in tiny_inputs())
+    with torch.inference_mode():
+        want = ref(x, t, ctx, pooled).float()
+        got = FastMMDiT(ref)(x, t, ctx, pooled).float()
+    err = rel_rms(got, want)
+    RESULTS[f"fast_vs_plain_{policy}"] = err
+    assert torch.isfinite(got).all() and err < 1e-2, (policy, err)
+
+
+def test_attention_output_is_in_the_query_layout():
+    """fast.attention_buffers relies on SDPA writing its output in q's [B, L, H, hd] memory layout, so that the
+    proj GEMMs read it without a copy (a copy would still be correct, only slower: this pins the speed)."""
+    from minisd35.fast import attention_buffers
+
+    B, H, L, hd = 2, 38, 4429, 64
+    like = torch.empty(1, device="cuda", dtype=torch.bfloat16)
+    q, k, v = attention_buffers(B, H, L, hd, like)
+    for t in (q, k, v):
+        t.normal_()
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    assert rel_rms(out, ref) < 1e-2
 
 
 def test_autotuning_flushes_with_an_l2_sized_buffer():

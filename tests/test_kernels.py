@@ -65,6 +65,18 @@ def test_quant_wide_rows_and_strided_input():
     assert torch.equal(s, sr) and torch.equal(codes(q), codes(qr))
 
 
+@pytest.mark.parametrize("per_token", [True, False])
+def test_quant_reads_a_batch_strided_token_slice(per_token):
+    # the image-token rows of a joint attention output [B, Li + Lt, D]: no 2-D stride describes them, the kernel
+    # reads the [B, Li, D] view in place and writes rows in (b, l) order, as reshape(-1, D) of a copy would
+    out = randn(3, 7 + 5, 72, dtype=torch.bfloat16, seed=5)
+    for part in (out[:, :7], out[:, 7:]):
+        q, s = quant_fp8(part, per_token)
+        qr, sr = quant_fp8_ref(part.reshape(-1, 72), per_token)
+        assert q.shape == (3 * part.shape[1], 72)
+        assert torch.equal(s, sr) and torch.equal(codes(q), codes(qr))
+
+
 def test_quant_static_scale():
     x = randn(7, 72, dtype=torch.bfloat16, scale=5.0, seed=3)
     scale = torch.tensor([0.03], device=DEV)  # calibrated: some values saturate
@@ -343,7 +355,7 @@ def test_ln_mod_quant_constant_row_and_bad_arguments():
 
 _AOT_SCRIPT = r'''
 q_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_ptr": "*fp32", "M": "i32", "K": "i32",
-         "stride_xm": "i32"}
+         "L": "i32", "stride_xb": "i32", "stride_xm": "i32"}
 for mode in range(4):
     for one_tile in (True, False):
         build(f"quant mode={mode} one_tile={one_tile}", fp8_quant._quant_kernel, q_sig,

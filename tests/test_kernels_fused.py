@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from kernel_env import E4M3, codes, kernel_device, randn, run_aot
 from torch import nn
 
-from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, gelu_quant, qk_norm  # noqa: E402
+from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, gated_residual, gelu_quant, qk_norm  # noqa: E402
 from minisd35.errors import InputError  # noqa: E402
 
-DEV = kernel_device((fp8_quant, fp8_gemm, fp8_dequant_gemm, gelu_quant, qk_norm), qk_norm._qk_norm_kernel)
+DEV = kernel_device((fp8_quant, fp8_gemm, fp8_dequant_gemm, gated_residual, gelu_quant, qk_norm),
+                    qk_norm._qk_norm_kernel)
 
 from kernels._common import rel_rms  # noqa: E402
 from kernels.fp8_dequant_gemm import DEQUANT_ROUTE_MIN_M, dequant_gemm, dequant_gemm_ref, dequant_weight  # noqa: E402
@@ -43,16 +44,24 @@ QK_CASES = [  # (B, L, heads, hd, Ltot, offset)
 ]
 
 
+def attention_buffer(B: int, heads: int, Ltot: int, hd: int, fill: float, dtype, layout: str) -> torch.Tensor:
+    """[B, heads, Ltot, hd] filled with `fill`: contiguous, or a view of [B, Ltot, heads, hd] memory (fast.py's)."""
+    if layout == "bhld":
+        return torch.full((B, heads, Ltot, hd), fill, dtype=dtype, device=DEV)
+    return torch.full((B, Ltot, heads, hd), fill, dtype=dtype, device=DEV).transpose(1, 2)
+
+
 @pytest.mark.parametrize("B,L,heads,hd,Ltot,offset", QK_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weights", ["bf16", "fp32", "none", "mixed"])
-def test_qk_norm_split_matches_the_model(B, L, heads, hd, Ltot, offset, dtype, weights):
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_qk_norm_split_matches_the_model(B, L, heads, hd, Ltot, offset, dtype, weights, layout):
     qkv = randn(B * L, 3 * heads * hd, dtype=dtype, scale=2.0, seed=B * L * hd) + 0.3
     wdt = {"bf16": torch.bfloat16, "fp32": torch.float32, "none": None, "mixed": torch.bfloat16}[weights]
     wq = None if wdt is None else (randn(hd, seed=1).abs() + 0.5).to(wdt)
     wk = None if wdt is None or weights == "mixed" else (randn(hd, seed=2).abs() + 0.5).to(wdt)
     fill = 7.0  # positions outside offset .. offset+L must keep it
-    out = [torch.full((B, heads, Ltot, hd), fill, dtype=dtype, device=DEV) for _ in range(3)]
+    out = [attention_buffer(B, heads, Ltot, hd, fill, dtype, layout) for _ in range(3)]
     ref = [t.clone() for t in out]
     qk_norm_split(qkv, B, L, heads, hd, wq, wk, 1e-6, *out, offset)
     qk_norm_split_ref(qkv, B, L, heads, hd, wq, wk, 1e-6, *ref, offset)
@@ -116,9 +125,47 @@ def test_qk_norm_split_rejects_bad_arguments():
         qk_norm_split(qkv, B, L, heads + 1, hd, None, None, 1e-6, *bufs, 0)
     with pytest.raises(InputError, match="wq"):
         qk_norm_split(qkv, B, L, heads, hd, torch.ones(hd + 1, device=DEV), None, 1e-6, *bufs, 0)
-    with pytest.raises(InputError, match="contiguous"):
+    with pytest.raises(InputError, match="share one layout"):  # each layout is fine alone, not mixed
         qk_norm_split(qkv, B, L, heads, hd, None, None, 1e-6, bufs[0].transpose(1, 2).contiguous().transpose(1, 2),
                       *bufs[1:], 0)
+    with pytest.raises(InputError, match="contiguous last"):
+        qk_norm_split(qkv, B, L, heads, hd, None, None, 1e-6, *(b.transpose(2, 3).contiguous().transpose(2, 3)
+                                                                 for b in bufs), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gated_residual
+
+
+@pytest.mark.parametrize("B,L,N", [(2, 5, 72), (3, 7, 100), (1, 1, 33)])
+def test_gated_residual_is_the_models_addcmul(B, L, N):
+    # y and the residual as column slices (row stride != N), the gate a strided chunk of an adaLN output
+    y = randn(B * L, N + 9, dtype=torch.bfloat16, seed=B * N)[:, 4 : 4 + N]
+    res = randn(B * L, N + 3, dtype=torch.bfloat16, scale=4.0, seed=B * N + 1)[:, :N]
+    gate = randn(B, 6 * N, dtype=torch.bfloat16, seed=B * N + 2)[:, 2 * N : 3 * N]
+    out = gated_residual.gated_residual(y, gate, res, L)
+    ref = gated_residual.gated_residual_ref(y, gate, res, L)
+    by_hand = (res.double().view(B, L, N) + gate.double()[:, None] * y.double().view(B, L, N)).view(B * L, N)
+    assert out.is_contiguous() and out.dtype == torch.bfloat16
+    assert rel_rms(out, by_hand) < 4e-3  # one bf16 rounding of the exact value
+    # fp32 inside, one rounding at the end, as addcmul: equal but where a different fp32 contraction crosses a
+    # bf16 rounding boundary (one ulp)
+    assert (out != ref).float().mean().item() < 0.01
+    assert ulps_apart(out, ref).max().item() <= 1.0 + 1e-9
+    # the gate is per sample: sample 0's rows do not see sample 1's gate
+    if B > 1:
+        g2 = gate.clone()
+        g2[1:] = 0
+        assert torch.equal(gated_residual.gated_residual(y, g2, res, L)[:L], out[:L])
+        assert torch.equal(gated_residual.gated_residual(y, g2, res, L)[L:], res[L:])
+
+
+def test_gated_residual_rejects_bad_arguments():
+    y = randn(10, 8, dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="rows_per_batch"):
+        gated_residual.gated_residual(y, randn(3, 8, dtype=torch.bfloat16), y, 5)
+    with pytest.raises(InputError, match="must be"):
+        gated_residual.gated_residual(y, randn(2, 9, dtype=torch.bfloat16), y, 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,8 +312,8 @@ def test_fp8_gemm_variant_arguments():
 
 _AOT_SCRIPT = r'''
 qk_sig = {"qkv_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
-          "v_ptr": "*bf16", "L": "i32", "heads": "i32", "Ltot": "i32", "offset": "i32", "stride_row": "i32",
-          "eps": "fp32"}
+          "v_ptr": "*bf16", "L": "i32", "heads": "i32", "offset": "i32", "stride_row": "i32", "stride_ob": "i32",
+          "stride_oh": "i32", "stride_ol": "i32", "eps": "fp32"}
 qk = dict(HD=64, BLOCK_D=64, WQ_DT=tl.bfloat16, WK_DT=tl.bfloat16, X_DT=tl.bfloat16, O_DT=tl.bfloat16,
           ROUND_FIRST=False, EVEN_D=True)
 for cfg in qk_norm.QK_CONFIGS[:2]:
@@ -288,13 +335,19 @@ for cfg in gelu_quant.GELU_CONFIGS[:3]:
 build("gelu_quant sm89 round first", gelu_quant._gelu_quant_kernel, g_sig,
       dict(G_DT=tl.bfloat16, ROUND_FIRST=True, N_FULL=9728, BLOCK_M=1, BLOCK_N=512), arch=89, warps=2)
 build("quant sm89 round first", fp8_quant._quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-      "amax_ptr": "*fp32", "M": "i32", "K": "i32", "stride_xm": "i32"}, dict(MODE=0, ONE_TILE=True, ROUND_FIRST=True,
-      BLOCK_M=1, BLOCK_K=4096), arch=89, warps=8)
+      "amax_ptr": "*fp32", "M": "i32", "K": "i32", "L": "i32", "stride_xb": "i32", "stride_xm": "i32"},
+      dict(MODE=0, ONE_TILE=True, ROUND_FIRST=True, BLOCK_M=1, BLOCK_K=4096), arch=89, warps=8)
 build("ln_mod_quant sm89 round first", ln_mod_quant._ln_mod_kernel, {"x_ptr": "*bf16", "shift_ptr": "*bf16",
       "scale_ptr": "*bf16", "y_ptr": "*fp8e4nv", "y_scale_ptr": "*fp32", "M": "i32", "K": "i32",
       "rows_per_batch": "i32", "eps": "fp32", "stride_xm": "i32", "stride_shift": "i32", "stride_scale": "i32",
       "stride_ym": "i32"}, dict(QUANT=True, ROUND_FIRST=True, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
       Y_DT=tl.bfloat16, BLOCK_M=1, BLOCK_K=4096), arch=89, warps=8, enable_fp_fusion=False)
+
+gr_sig = {"y_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+          "rows_per_batch": "i32", "stride_ym": "i32", "stride_gb": "i32", "stride_rm": "i32"}
+for cfg in gated_residual.GR_CONFIGS[:2]:
+    build(f"gated_residual {cfg.kwargs}", gated_residual._gated_residual_kernel, gr_sig,
+          dict(OUT_DT=tl.bfloat16, ROUND_FIRST=False), cfg=cfg)
 
 dw_sig = {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32",
           "stride_on": "i32"}
@@ -341,7 +394,7 @@ def test_fused_kernels_compile_for_the_gpu():
     # memory-bound kernels move 16 bytes per access
     for name in ("qk_norm bf16 weights {'BLOCK_L': 32}", "qk_norm no weights"):
         assert builds[name]["v4_loads"] > 0, name
-    assert all(r["v4_loads"] > 0 for n, r in builds.items() if n.startswith("gelu_quant"))
+    assert all(r["v4_loads"] > 0 for n, r in builds.items() if n.startswith(("gelu_quant", "gated_residual")))
     # qk_norm keeps torch's separate roundings: no fp32 fma (x*x into the sum, y*w)
     assert all(r["fma"] == 0 for n, r in builds.items() if n.startswith("qk_norm"))
     # gelu_quant compiles no clamp: it relies on the conversion saturating (cvt.rn.satfinite) as it does on sm89+
