@@ -1,9 +1,10 @@
 """Where one FP8 step spends its GPU time: SD3.5 Large (random weights), 1024x1024, CFG batch 2, the fused forward
 (minisd35.fast, not graphed, so that the profiler sees each kernel) under torch.profiler, with every kernel put in a
-family (FP8 GEMM, attention, each fused memory-bound kernel, elementwise) and, for the memory-bound families, the
-bandwidth they reach against the copy bandwidth measured in the same run.
+family (FP8 GEMM, attention, each fused memory-bound kernel, elementwise). Then the same step graphed (what
+`minisd35 bench` times): median of 10 CUDA-event timings. Both for each attention buffer layout given
+(fast.attention_buffers), in one process on the same weights, so the layouts compare fairly.
 
-    python bench/step_profile.py --out $OUT/profile.json [--policy default] [--fast-accum]
+    python bench/step_profile.py --out $OUT/profile.json [--policy default] [--fast-accum] [--layouts bhld,blhd]
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from minisd35 import fp8  # noqa: E402
-from minisd35.bench import env_info, random_mmdit, step_inputs  # noqa: E402
+from minisd35.bench import cuda_times, env_info, random_mmdit, rel_rms, step_inputs  # noqa: E402
 from minisd35.config import get_preset  # noqa: E402
-from minisd35.fast import accelerate  # noqa: E402
+from minisd35.fast import Graphed, accelerate  # noqa: E402
 
 # kernel name substring -> family; first match wins (cuBLAS / CUTLASS GEMM names vary by version, so "gemm" last)
 FAMILIES = [
-    ("_ln_mod_quant", "ln_mod_quant"), ("_ln_mod", "ln_mod"), ("_qk_norm", "qk_norm_split"),
+    ("_ln_mod", "ln_mod(_quant)"), ("_qk_norm", "qk_norm_split"),
     ("_gelu_quant", "gelu_quant"), ("_quant", "quant (per token)"), ("dequant", "fp8 GEMV (adaLN)"),
     ("fmha", "attention"), ("sdpa", "attention"), ("flash", "attention"), ("attention", "attention"),
     ("cudnn", "attention"), ("addcmul", "gated residual (addcmul)"), ("elementwise", "other elementwise"),
-    ("vectorized", "other elementwise"), ("gemm", "GEMM"), ("xmma", "GEMM"), ("cutlass", "GEMM"),
+    ("vectorized", "other elementwise"), ("_gated_residual", "gated residual"),
+    ("gemm", "GEMM"), ("xmma", "GEMM"), ("cutlass", "GEMM"),
     ("sm90", "GEMM"), ("copy", "copies"),
 ]
 
@@ -66,23 +68,48 @@ def main() -> None:
     ap.add_argument("--px", type=int, default=1024)
     ap.add_argument("--policy", default="default")
     ap.add_argument("--fast-accum", action="store_true")
+    ap.add_argument("--layouts", default="bhld")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
-    from torch.profiler import ProfilerActivity, profile
-
     res = {"env": env_info(), "variant": args.variant, "px": args.px, "batch": 2, "policy": args.policy,
-           "fast_accum": args.fast_accum, "copy_gbs": copy_bandwidth()}
+           "fast_accum": args.fast_accum, "copy_gbs": copy_bandwidth(), "layouts": {}}
     cfg = get_preset(args.variant).mmdit
     model = random_mmdit(cfg)
     if args.policy != "bf16":
         fp8.quantize(model, args.policy)
     inputs = step_inputs(cfg, args.px, 2)
     fast = accelerate(model, graphs=False, fast_accum=args.fast_accum)
+    print(f"{args.variant} {args.px}px, policy {args.policy}, fast_accum {args.fast_accum} "
+          f"(copy bandwidth {res['copy_gbs']:.0f} GB/s)")
+    outs = {}
+    for layout in args.layouts.split(","):
+        fast.attention_layout = layout
+        rec = profile_step(lambda: fast(*inputs))
+        graphed = Graphed(fast)
+        ms = sorted(cuda_times(lambda g=graphed: g(*inputs), iters=10))
+        rec["graphed_step_ms"] = {"median": ms[5], "min": ms[0], "max": ms[-1]}
+        outs[layout] = graphed(*inputs).float()
+        rec["rel_rms_vs_first_layout"] = rel_rms(outs[layout], next(iter(outs.values())))
+        res["layouts"][layout] = rec
+        print(f"layout {layout}: graphed step {ms[5]:.2f} ms [{ms[0]:.2f}, {ms[-1]:.2f}], {rec['total_kernel_ms']:.1f} "
+              f"ms of kernel time (ungraphed), output vs the first layout {rec['rel_rms_vs_first_layout']:.1e}")
+        for f, r in rec["families"].items():
+            print(f"  {f:28s} {r['ms']:7.2f} ms  {100 * r['share']:5.1f}%  {r['calls']:5d} calls")
+        for k in rec["kernels"][:12]:
+            print(f"    {k['ms']:7.2f} ms {k['count']:5d}x  {k['family']:20s} {k['name'][:90]}")
+        del graphed
+    Path(args.out).write_text(json.dumps(res) + "\n")
+
+
+def profile_step(fn) -> dict:
+    """One call of fn under torch.profiler: GPU time per kernel family and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(3):
-        fast(*inputs)
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fast(*inputs)
+        fn()
         torch.cuda.synchronize()
     fams, kernels = defaultdict(lambda: [0.0, 0]), []
     for ev in prof.key_averages():
@@ -95,17 +122,10 @@ def main() -> None:
         fams[f][1] += ev.count
         kernels.append({"name": ev.key[:160], "family": f, "ms": us / 1e3, "count": ev.count})
     total = sum(v[0] for v in fams.values())
-    res["total_kernel_ms"] = total
-    res["families"] = {f: {"ms": ms, "calls": n, "share": ms / total} for f, (ms, n) in
-                       sorted(fams.items(), key=lambda kv: -kv[1][0])}
-    res["kernels"] = sorted(kernels, key=lambda k: -k["ms"])[:40]
-    print(f"{args.variant} {args.px}px, policy {args.policy}, fast_accum {args.fast_accum}: "
-          f"{total:.1f} ms of kernel time (copy bandwidth {res['copy_gbs']:.0f} GB/s)")
-    for f, r in res["families"].items():
-        print(f"  {f:28s} {r['ms']:7.2f} ms  {100 * r['share']:5.1f}%  {r['calls']:5d} calls")
-    for k in res["kernels"][:25]:
-        print(f"    {k['ms']:7.2f} ms {k['count']:5d}x  {k['family']:20s} {k['name'][:90]}")
-    Path(args.out).write_text(json.dumps(res) + "\n")
+    return {"total_kernel_ms": total,
+            "families": {f: {"ms": ms, "calls": n, "share": ms / total} for f, (ms, n) in
+                         sorted(fams.items(), key=lambda kv: -kv[1][0])},
+            "kernels": sorted(kernels, key=lambda k: -k["ms"])[:40]}
 
 
 if __name__ == "__main__":

@@ -67,19 +67,26 @@ QUANT_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4,
 CPU_CONFIGS = [triton.Config({"BLOCK_M": 2}, num_warps=4)]  # the interpreter: one config, nothing to time
 
 
-@triton.autotune(do_bench=tune_bench, configs=pick_configs(QUANT_CONFIGS, CPU_CONFIGS), key=["K", "MODE"],
+@triton.jit
+def _col_offsets(cols, HD: tl.constexpr, stride_xh):
+    return (cols // HD) * stride_xh + cols % HD
+
+
+@triton.autotune(do_bench=tune_bench, configs=pick_configs(QUANT_CONFIGS, CPU_CONFIGS), key=["K", "MODE", "HD"],
                  prune_configs_by={"early_config_prune": prune_row_tiles})
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_ptr,  # x [M, K] (or [B, L, K], see below), q [M, K] contiguous, scale [M] or [1]
-    M, K, L, stride_xb, stride_xm,
-    MODE: tl.constexpr, ONE_TILE: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, q_ptr, scale_ptr, amax_ptr,  # x [M, K] (or a view, see below), q [M, K] contiguous, scale [M] or [1]
+    M, K, L, stride_xb, stride_xm, stride_xh,
+    MODE: tl.constexpr, ONE_TILE: tl.constexpr, ROUND_FIRST: tl.constexpr, HD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
-    # row r of the [M, K] matrix is token r % L of sample r // L: a 2-D x has L = M (and one "sample")
+    # row r of the [M, K] matrix is token r % L of sample r // L (a 2-D x has L = M, one "sample"); column c is
+    # element c % HD of head c // HD. HD is a power-of-two constexpr, so the compiler still sees runs of HD
+    # contiguous columns and vectorises the loads; a 2-D or 3-D x is one run (HD = BLOCK_K, stride_xh = HD).
     x_rows = x_ptr + (rows // L).to(tl.int64)[:, None] * stride_xb + (rows % L).to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + rows[:, None].to(tl.int64) * K
 
@@ -87,13 +94,14 @@ def _quant_kernel(
     if MODE == ROW or MODE == AMAX:
         if ONE_TILE:  # the whole row is one tile: load it once and keep it for the cast
             mask = row_ok[:, None] & (cols[None, :] < K)
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + _col_offsets(cols, HD, stride_xh)[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.max(tl.abs(x), axis=1)
         else:
             amax = tl.zeros((BLOCK_M,), tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 mask = row_ok[:, None] & (k0 + cols[None, :] < K)
-                xk = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                offs = _col_offsets(k0 + cols, HD, stride_xh)[None, :]
+                xk = tl.load(x_rows + offs, mask=mask, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(xk), axis=1))
         if MODE == AMAX:
             tl.atomic_max(amax_ptr, tl.max(amax, axis=0))
@@ -119,7 +127,8 @@ def _quant_kernel(
         else:
             for k0 in range(0, K, BLOCK_K):
                 mask = row_ok[:, None] & (k0 + cols[None, :] < K)
-                xk = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                offs = _col_offsets(k0 + cols, HD, stride_xh)[None, :]
+                xk = tl.load(x_rows + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(q_rows + k0 + cols[None, :], to_e4m3(xk, inv, ROUND_FIRST), mask=mask)
 
 
@@ -127,22 +136,26 @@ def quant_fp8(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | Non
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (bf16/fp16/fp32, last dim contiguous) -> (x_fp8 [M, K] e4m3, scale fp32 [M] or [1]).
 
-    x may also be a [B, L, K] view with any batch and row strides, M = B * L: the slice of one stream's tokens out
-    of the joint attention output (`out[:, :Li]`), which no 2-D stride describes. The kernel reads it in place
-    instead of a copy (reshape would make one) and writes the rows in (b, l) order.
+    x may also be a [B, L, K] view, or a [B, L, H, hd] view with K = H * hd (hd a power of two), with any strides
+    but a contiguous last dimension; M = B * L. That is one stream's slice of the joint attention output,
+    `out.transpose(1, 2)[:, :Li]` of SDPA's [B, H, Ltot, hd], which no 2-D stride describes: the kernel reads it in
+    place instead of the copy reshape would make, and writes the rows in (b, l) order, columns in (h, d) order.
 
     per_token=True: one scale per row. per_token=False: one scale for the whole tensor (two launches).
     scale=: a calibrated per-tensor dequant scale (1 element, fp32); no amax is computed, per_token is ignored
     and the same tensor is returned as the scale.
     """
     fn = "quant_fp8"
-    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16, torch.float32), ndim=3 if x.dim() == 3 else 2)
+    check_tensor(fn, "x", x, (torch.bfloat16, torch.float16, torch.float32), ndim=x.dim() if x.dim() in (3, 4) else 2)
     if scale is not None:
         check_scale(fn, "scale", scale, 1, "tensor")
     dev = check_device(fn, x, scale)
-    x3 = x if x.dim() == 3 else x[None]  # [B, L, K]
-    L, K = x3.shape[1:]
-    M = x3.shape[0] * L
+    x4 = x.view(1, *x.shape) if x.dim() == 2 else x  # [B, L, K] or [B, L, H, hd]
+    B, L = x4.shape[:2]
+    M, K = B * L, x4.shape[2:].numel()
+    if x4.dim() == 4 and x4.shape[3] != next_pow2(x4.shape[3]):
+        raise InputError(f"{fn}: x has shape {tuple(x.shape)}; a [B, L, H, hd] view needs hd a power of two "
+                         f"(pass x.reshape(B, L, -1) for other head sizes)")
     q = torch.empty((M, K), dtype=FP8, device=dev)
     if scale is not None:
         mode, out_scale = STATIC, scale
@@ -154,24 +167,27 @@ def quant_fp8(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | Non
         return q, out_scale.fill_(SCALE_FLOOR / FP8_MAX) if scale is None else out_scale
     one_tile = K <= MAX_ROW_TILE
     block_k = next_pow2(K) if one_tile else 4096
+    # head width and stride: [B, L, H, hd] reads runs of hd; [B, L, K] one run per BLOCK_K (see the kernel)
+    hd, stride_h = (x4.shape[3], x4.stride(2)) if x4.dim() == 4 else (block_k, block_k)
+    strides = (x4.stride(0), x4.stride(1), stride_h)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with on_device(dev):
         amax = out_scale  # unused unless per-tensor
         if mode is TENSOR:  # launch 1 of 2: amax over the whole tensor (atomic max into one fp32)
             amax = torch.zeros(1, dtype=torch.float32, device=dev)
-            _quant_kernel[grid](x, q, out_scale, amax, M, K, L, x3.stride(0), x3.stride(1), MODE=AMAX.value,
-                                ONE_TILE=one_tile, ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
-        _quant_kernel[grid](x, q, out_scale, amax, M, K, L, x3.stride(0), x3.stride(1), MODE=mode.value,
-                            ONE_TILE=one_tile, ROUND_FIRST=round_first(dev), BLOCK_K=block_k)
+            _quant_kernel[grid](x, q, out_scale, amax, M, K, L, *strides, MODE=AMAX.value, ONE_TILE=one_tile,
+                                ROUND_FIRST=round_first(dev), HD=hd, BLOCK_K=block_k)
+        _quant_kernel[grid](x, q, out_scale, amax, M, K, L, *strides, MODE=mode.value, ONE_TILE=one_tile,
+                            ROUND_FIRST=round_first(dev), HD=hd, BLOCK_K=block_k)
     return q, out_scale
 
 
 def quant_fp8_ref(x: torch.Tensor, per_token: bool = True, scale: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch quant_fp8 with the same semantics (runs anywhere, any torch >= 2.4)."""
-    if x.dim() not in (2, 3):
-        raise InputError(f"quant_fp8_ref: x has shape {tuple(x.shape)}; expected [M, K] or [B, L, K]")
-    xf = x.float().reshape(-1, x.shape[-1])
+    if x.dim() not in (2, 3, 4):
+        raise InputError(f"quant_fp8_ref: x has shape {tuple(x.shape)}; expected [M, K], [B, L, K] or [B, L, H, hd]")
+    xf = x.float().reshape(-1, x.shape[2:].numel() if x.dim() == 4 else x.shape[-1])
     if scale is None:
         amax = xf.abs().amax(dim=1) if per_token else xf.abs().amax().reshape(1)
         amax = amax.clamp_min(SCALE_FLOOR)

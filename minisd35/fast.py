@@ -59,12 +59,12 @@ def ln_mod_quant(x, shift, scale, rows):
 
 
 def quant_rows(x: torch.Tensor):
-    """Per-token FP8 of x [M, K], or of a [B, L, K] view (read in place on CUDA) as rows in (b, l) order."""
+    """Per-token FP8 of x [M, K], or of a [B, L, K] / [B, L, H, hd] view (read in place on CUDA) as [B * L, K]."""
     if _triton_ok(x):
         from kernels.fp8_quant import quant_fp8
 
         return quant_fp8(x, per_token=True)
-    return quantize_act(x.reshape(-1, x.shape[-1]), per_token=True)
+    return quantize_act(rows2d(x), per_token=True)
 
 
 def gelu_quant(h: torch.Tensor):
@@ -101,13 +101,24 @@ def gated_residual(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, 
     return torch.addcmul(residual.view(B, rows, -1), gate[:, None], y.view(B, rows, -1)).view(B * rows, -1)
 
 
-def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor):
-    """q, k, v [B, H, L, hd] as views of [B, L, H, hd] memory (the layout diffusers' attention has too). Both
-    SDPA backends on CUDA write their output in the query's layout, so out.transpose(1, 2) is [B, L, H * hd]
-    without a copy, and each stream's slice of it goes to its proj GEMM's quantiser in place. With contiguous
-    [B, H, L, hd] buffers, as this path had before, the step copied the attention output twice (3.6 ms of a
-    96 ms SD3.5 Large step on an H200, bench/results/2026-12-02_h200_session8)."""
-    return [torch.empty(B, L, H, hd, dtype=like.dtype, device=like.device).transpose(1, 2) for _ in range(3)]
+ATTENTION_LAYOUT = "bhld"  # the default of FastMMDiT.attention_layout
+
+
+def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor, layout: str = ATTENTION_LAYOUT):
+    """q, k, v [B, H, L, hd]: contiguous ("bhld"), or views of [B, L, H, hd] memory ("blhd", diffusers' layout).
+    SDPA writes its output in the query's layout either way, and the proj GEMMs' quantiser reads each stream's
+    slice of out.transpose(1, 2) in place, so neither layout copies the attention output (reshaping it to
+    [B * L, H * hd] did: 116 copies, 4.6 ms of kernel time in one SD3.5 Large FP8 step on an H200,
+    bench/results/2026-12-02_h200_session8). Which layout cuDNN's attention kernel runs faster on is measured
+    there too."""
+    if layout == "blhd":
+        return [torch.empty(B, L, H, hd, dtype=like.dtype, device=like.device).transpose(1, 2) for _ in range(3)]
+    return [torch.empty(B, H, L, hd, dtype=like.dtype, device=like.device) for _ in range(3)]
+
+
+def rows2d(x: torch.Tensor) -> torch.Tensor:
+    """[M, K], [B, L, K] or [B, L, H, hd] -> the [M, K] token matrix (a copy unless the view allows one)."""
+    return x if x.dim() == 2 else x.reshape(x.shape[0] * x.shape[1], -1)
 
 
 class Linear8:
@@ -142,12 +153,13 @@ class Linear8:
         return y if gate is None else gated_residual(y, gate, residual, rows)
 
     def __call__(self, x, gate=None, residual=None, rows=0):
-        """x [M, K] (or a [B, L, K] view, M = B * L) in the model dtype -> y [M, N]; with gate [B, N] and residual
-        [M, N]: residual + gate * y. A W8A8 layer's quantiser reads a 3-D view in place; others flatten it."""
+        """x [M, K] (or a [B, L, K] / [B, L, H, hd] view, M = B * L) in the model dtype -> y [M, N]; with gate
+        [B, N] and residual [M, N]: residual + gate * y. A W8A8 layer's quantiser reads a view in place; other
+        layers flatten it."""
         if self.per_token:
             x8, xs = quant_rows(x)
             return self.gemm8(x8, xs, x.dtype, gate, residual, rows)
-        y = self.lin(x.reshape(-1, x.shape[-1]))
+        y = self.lin(rows2d(x))
         return y if gate is None else gated_residual(y, gate, residual, rows)
 
 
@@ -173,6 +185,7 @@ class FastMMDiT(nn.Module):
         self.model = model
         self.cfg = model.cfg
         self.fast_accum, self.attention_backend, self.gemm = fast_accum, attention, gemm
+        self.attention_layout = ATTENTION_LAYOUT  # attention_buffers' layout; an attribute so benchmarks can flip it
         self.adaln_kind = None
         self.streamer = None  # a streaming.BlockStreamer in streamed mode (set by stream())
         if fuse_adaln:  # not for a model that moves between devices: .to() would copy the views apart
@@ -250,7 +263,7 @@ class FastMMDiT(nn.Module):
         blk = self.model.joint_blocks[i]
         xb, cb = blk.x_block, blk.context_block
         cfg = self.cfg
-        D, H, hd = cfg.hidden, cfg.heads, cfg.head_dim
+        H, hd = cfg.heads, cfg.head_dim
         B = x_mod.shape[0]
         Li, Lt = x.shape[0] // B, e.shape[0] // B
         xm = x_mod.chunk(xb.n_mod, dim=1)
@@ -259,18 +272,18 @@ class FastMMDiT(nn.Module):
 
         # q, k, v of both streams straight into the joint attention buffers [B, H, Li + Lt, hd]
         Ltot = Li + Lt
-        q, k, v = attention_buffers(B, H, Ltot, hd, x)
+        q, k, v = attention_buffers(B, H, Ltot, hd, x, self.attention_layout)
         self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0)
         self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li)
-        out = self.sdpa(q, k, v).transpose(1, 2).reshape(B, Ltot, D)  # a view: see attention_buffers
+        out = self.sdpa(q, k, v).transpose(1, 2)  # [B, Ltot, H, hd], a view: each stream's slice goes to its proj
         x_in = x
         x = self.lin(xb.attn.proj)(out[:, :Li], gate=gate_msa, residual=x, rows=Li)
 
         if blk.dual:  # MMDiT-X: a second attention over image tokens only, from the same LN(x_in), own modulation
             shift2, scale2, gate2 = xm[6:]
-            q2, k2, v2 = attention_buffers(B, H, Li, hd, x)
+            q2, k2, v2 = attention_buffers(B, H, Li, hd, x, self.attention_layout)
             self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0)
-            o2 = self.sdpa(q2, k2, v2).transpose(1, 2).reshape(B * Li, D)
+            o2 = self.sdpa(q2, k2, v2).transpose(1, 2)
             x = self.lin(xb.attn2.proj)(o2, gate=gate2, residual=x, rows=Li)
 
         x = self.mlp(xb, x, shift_mlp, scale_mlp, gate_mlp, Li)

@@ -12,7 +12,8 @@ from minisd35.fast import FastMMDiT, Graphed, accelerate
 
 
 @pytest.mark.parametrize("policy", [None, "default", "row", "tensor", "weight-only"])
-def test_fast_matches_plain(policy):
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_fast_matches_plain(policy, layout):
     ref = tiny_model(seed=3)
     if policy:
         fp8.quantize(ref, policy)
@@ -21,6 +22,7 @@ def test_fast_matches_plain(policy):
         want = ref(x, t, ctx, pooled)
         want_skip = ref(x, t, ctx, pooled, skip_layers=[1])
         fast = FastMMDiT(ref)
+        fast.attention_layout = layout
         got, got_skip = fast(x, t, ctx, pooled), fast(x, t, ctx, pooled, skip_layers=[1])
     # bf16 weights: rounding-level agreement. FP8: the batched adaLN GEMV changes the last bits of the modulations,
     # and activation quantisation turns a last-bit difference at a rounding boundary into a one-code (6%) flip of

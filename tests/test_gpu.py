@@ -92,7 +92,8 @@ def test_fp8_implementations_agree(recipe):
 
 
 @pytest.mark.parametrize("policy", [None, "default", "row"])
-def test_fast_forward_with_its_kernels_matches_plain(policy):
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_fast_forward_with_its_kernels_matches_plain(policy, layout):
     """fast.py on CUDA, where every fused op is its Triton kernel (test_fast.py runs the torch fallbacks): the tiny
     model in bf16, MMDiT-X blocks and the pre-only last block included, against the plain mmdit.py forward."""
     import sys
@@ -109,26 +110,34 @@ def test_fast_forward_with_its_kernels_matches_plain(policy):
     x, t, ctx, pooled = (a.cuda().bfloat16() if a.ndim > 1 else a.cuda() for a in tiny_inputs())
     with torch.inference_mode():
         want = ref(x, t, ctx, pooled).float()
-        got = FastMMDiT(ref)(x, t, ctx, pooled).float()
+        fast = FastMMDiT(ref)
+        fast.attention_layout = layout
+        got = fast(x, t, ctx, pooled).float()
     err = rel_rms(got, want)
-    RESULTS[f"fast_vs_plain_{policy}"] = err
+    RESULTS[f"fast_vs_plain_{policy}_{layout}"] = err
     assert torch.isfinite(got).all() and err < 1e-2, (policy, err)
 
 
-def test_attention_output_is_in_the_query_layout():
-    """fast.attention_buffers relies on SDPA writing its output in q's [B, L, H, hd] memory layout, so that the
-    proj GEMMs read it without a copy (a copy would still be correct, only slower: this pins the speed)."""
-    from minisd35.fast import attention_buffers
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_attention_output_is_in_the_query_layout(layout):
+    """The default SDPA backend writes its output in q's memory layout, whichever fast.attention_buffers made, and
+    the proj GEMMs' quantiser reads it in place (a different layout would still be read correctly: this pins what
+    the step's profile assumes)."""
+    from minisd35.fast import attention_buffers, quant_rows
 
     B, H, L, hd = 2, 38, 4429, 64
     like = torch.empty(1, device="cuda", dtype=torch.bfloat16)
-    q, k, v = attention_buffers(B, H, L, hd, like)
+    q, k, v = attention_buffers(B, H, L, hd, like, layout)
     for t in (q, k, v):
         t.normal_()
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    assert out.stride() == q.stride(), (out.stride(), q.stride())
     ref = torch.nn.functional.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     assert rel_rms(out, ref) < 1e-2
+    part = out.transpose(1, 2)[:, 4096:]  # the text tokens, as the context stream's proj reads them
+    a8, s8 = quant_rows(part)
+    want = ref.transpose(1, 2)[:, 4096:].reshape(-1, H * hd).float()
+    assert rel_rms(a8.float() * s8[:, None], want) < 0.05
 
 
 def test_autotuning_flushes_with_an_l2_sized_buffer():

@@ -66,7 +66,7 @@ def test_quant_wide_rows_and_strided_input():
 
 
 @pytest.mark.parametrize("per_token", [True, False])
-def test_quant_reads_a_batch_strided_token_slice(per_token):
+def test_quant_reads_strided_token_slices(per_token):
     # the image-token rows of a joint attention output [B, Li + Lt, D]: no 2-D stride describes them, the kernel
     # reads the [B, Li, D] view in place and writes rows in (b, l) order, as reshape(-1, D) of a copy would
     out = randn(3, 7 + 5, 72, dtype=torch.bfloat16, seed=5)
@@ -74,6 +74,13 @@ def test_quant_reads_a_batch_strided_token_slice(per_token):
         q, s = quant_fp8(part, per_token)
         qr, sr = quant_fp8_ref(part.reshape(-1, 72), per_token)
         assert q.shape == (3 * part.shape[1], 72)
+        assert torch.equal(s, sr) and torch.equal(codes(q), codes(qr))
+    # SDPA's output [B, H, Ltot, hd] seen as [B, Ltot, H, hd]: row (b, l), columns (h, d), heads Ltot * hd apart
+    attn = randn(3, 5, 7 + 5, 16, dtype=torch.bfloat16, seed=6).transpose(1, 2)
+    for part in (attn[:, :7], attn[:, 7:]):
+        q, s = quant_fp8(part, per_token)
+        qr, sr = quant_fp8_ref(part.reshape(3, -1, 5 * 16), per_token)
+        assert q.shape == (3 * part.shape[1], 5 * 16)
         assert torch.equal(s, sr) and torch.equal(codes(q), codes(qr))
 
 
@@ -355,13 +362,15 @@ def test_ln_mod_quant_constant_row_and_bad_arguments():
 
 _AOT_SCRIPT = r'''
 q_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_ptr": "*fp32", "M": "i32", "K": "i32",
-         "L": "i32", "stride_xb": "i32", "stride_xm": "i32"}
+         "L": "i32", "stride_xb": "i32", "stride_xm": "i32", "stride_xh": "i32"}
 for mode in range(4):
     for one_tile in (True, False):
         build(f"quant mode={mode} one_tile={one_tile}", fp8_quant._quant_kernel, q_sig,
-              dict(MODE=mode, ONE_TILE=one_tile, ROUND_FIRST=False, BLOCK_M=1, BLOCK_K=4096), 90, warps=8)
-build("quant sm89", fp8_quant._quant_kernel, q_sig, dict(MODE=0, ONE_TILE=True, ROUND_FIRST=False, BLOCK_M=2,
-      BLOCK_K=4096), 89, warps=8)
+              dict(MODE=mode, ONE_TILE=one_tile, ROUND_FIRST=False, HD=4096, BLOCK_M=1, BLOCK_K=4096), 90, warps=8)
+build("quant [B, L, H, 64] view", fp8_quant._quant_kernel, q_sig, dict(MODE=0, ONE_TILE=True, ROUND_FIRST=False,
+      HD=64, BLOCK_M=1, BLOCK_K=4096), 90, warps=8)
+build("quant sm89", fp8_quant._quant_kernel, q_sig, dict(MODE=0, ONE_TILE=True, ROUND_FIRST=False, HD=4096,
+      BLOCK_M=2, BLOCK_K=4096), 89, warps=8)
 
 g_sig = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
          "bias_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
@@ -445,5 +454,8 @@ def test_kernels_compile_for_the_gpu():
     assert len(gemv) == 10
     if gemv[0]["stack"] is not None:
         assert all(r["stack"] == 0 for r in gemv), [(r["name"], r["stack"]) for r in gemv if r["stack"]]
+    # the quantiser's loads stay 16 bytes wide when it reads attention's output head by head (runs of 64 columns)
+    heads, rows = builds[("quant [B, L, H, 64] view", 90)], builds[("quant mode=0 one_tile=True", 90)]
+    assert heads["v4_loads"] > 0 and heads["v4_loads"] == rows["v4_loads"]
     # ln_mod keeps torch's two roundings of x * (1 + scale) + shift: no bf16 fma fusing them into one
     assert builds[("ln_mod quant=False", 90)]["bf16_fma"] == 0 and builds[("ln_mod quant=True", 90)]["bf16_fma"] == 0

@@ -335,8 +335,9 @@ for cfg in gelu_quant.GELU_CONFIGS[:3]:
 build("gelu_quant sm89 round first", gelu_quant._gelu_quant_kernel, g_sig,
       dict(G_DT=tl.bfloat16, ROUND_FIRST=True, N_FULL=9728, BLOCK_M=1, BLOCK_N=512), arch=89, warps=2)
 build("quant sm89 round first", fp8_quant._quant_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-      "amax_ptr": "*fp32", "M": "i32", "K": "i32", "L": "i32", "stride_xb": "i32", "stride_xm": "i32"},
-      dict(MODE=0, ONE_TILE=True, ROUND_FIRST=True, BLOCK_M=1, BLOCK_K=4096), arch=89, warps=8)
+      "amax_ptr": "*fp32", "M": "i32", "K": "i32", "L": "i32", "stride_xb": "i32", "stride_xm": "i32",
+      "stride_xh": "i32"}, dict(MODE=0, ONE_TILE=True, ROUND_FIRST=True, HD=4096, BLOCK_M=1, BLOCK_K=4096), arch=89,
+      warps=8)
 build("ln_mod_quant sm89 round first", ln_mod_quant._ln_mod_kernel, {"x_ptr": "*bf16", "shift_ptr": "*bf16",
       "scale_ptr": "*bf16", "y_ptr": "*fp8e4nv", "y_scale_ptr": "*fp32", "M": "i32", "K": "i32",
       "rows_per_batch": "i32", "eps": "fp32", "stride_xm": "i32", "stride_shift": "i32", "stride_scale": "i32",
