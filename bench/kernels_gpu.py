@@ -591,6 +591,9 @@ def bench_gemv(b: Bench) -> dict:
     return {"rows": rows, "best_speedup": best}
 
 def bench_ln(b: Bench, copy_gbps: float) -> dict:
+    import triton
+    import triton.language as tl
+
     from kernels import ln_mod_quant as LN
     from kernels._common import print_table, rel_rms
     from kernels.ln_mod_quant import ln_mod, ln_mod_quant, ln_mod_quant_ref, ln_mod_ref
@@ -625,8 +628,21 @@ def bench_ln(b: Bench, copy_gbps: float) -> dict:
                                        ("triton ln_mod (bf16 out)", ln_mod, moved_y, "bf16"),
                                        ("torch: layer_norm, modulate", ln_mod_ref, moved_y, None)]:
             measure(rows, {"M": M, "K": K, "impl": impl}, run, fn, moved, x, shift, scale, L, check=check)
-    print_table(rows, ["M", "K", "impl", "rel_err_vs_ref", "codes_differ", "ms", "GBps", "pct_copy", "graph_ms",
-                       "graph_pct_copy", "error"])
+        # ln_mod_quant with every config alone (BLOCK_M rows per program x warps)
+        y = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=b.dev)
+        ys = torch.empty(M, dtype=torch.float32, device=b.dev)
+        for cfg in LN.LN_CONFIGS:
+            bk = 1 << (K - 1).bit_length()
+            if not 8 * 32 * cfg.num_warps <= cfg.kwargs["BLOCK_M"] * bk <= 16384:
+                continue
+            launch = lambda c=cfg, bk=bk: LN._ln_mod_kernel.fn[(triton.cdiv(M, c.kwargs["BLOCK_M"]),)](
+                x, shift, scale, y, ys, M, K, L, 1e-6, x.stride(0), shift.stride(0), scale.stride(0), y.stride(0),
+                QUANT=True, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
+                Y_DT=tl.bfloat16, BLOCK_K=bk, num_warps=c.num_warps, enable_fp_fusion=False, **c.kwargs)
+            measure(rows, {"M": M, "K": K, "impl": "ln_mod_quant fixed config", "config": str(cfg)},
+                    lambda: b.bandwidth(moved_q, copy_gbps, launch))
+    print_table(rows, ["M", "K", "impl", "config", "rel_err_vs_ref", "codes_differ", "ms", "GBps", "pct_copy",
+                       "graph_ms", "graph_pct_copy", "error"])
     return {"rows": rows}
 
 
@@ -675,6 +691,9 @@ def bench_qk_norm(b: Bench, copy_gbps: float) -> dict:
 
 
 def bench_gelu_quant(b: Bench, copy_gbps: float) -> dict:
+    import triton
+    import triton.language as tl
+
     from kernels import gelu_quant as GQ
     from kernels._common import print_table, rel_rms
     from kernels.gelu_quant import gelu_quant, gelu_quant_ref
@@ -701,8 +720,16 @@ def bench_gelu_quant(b: Bench, copy_gbps: float) -> dict:
             r = measure(rows, {"M": M, "N": N, "impl": impl}, run, h, fn, check)
             if check:
                 r["config"] = tuned(GQ._gelu_quant_kernel)
-    print_table(rows, ["M", "N", "impl", "rel_err", "codes_differ", "scales_equal", "ms", "GBps", "pct_copy",
-                       "graph_ms", "graph_pct_copy", "error"])
+        # every config alone (the autotuner's prune keeps only those whose BLOCK_N divides N: 512-wide at 9728)
+        q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=b.dev)
+        sc = torch.empty(M, dtype=torch.float32, device=b.dev)
+        for cfg in GQ.GELU_CONFIGS:
+            launch = lambda c=cfg: GQ._gelu_quant_kernel.fn[(triton.cdiv(M, c.kwargs["BLOCK_M"]),)](
+                h, q, sc, M, N, h.stride(0), G_DT=tl.bfloat16, ROUND_FIRST=False, num_warps=c.num_warps, **c.kwargs)
+            measure(rows, {"M": M, "N": N, "impl": "fixed config", "config": str(cfg)},
+                    lambda: b.bandwidth(h.numel() * 3 + 4 * M, copy_gbps, launch))
+    print_table(rows, ["M", "N", "impl", "config", "rel_err", "codes_differ", "scales_equal", "ms", "GBps",
+                       "pct_copy", "graph_ms", "graph_pct_copy", "error"])
     return {"rows": rows}
 
 
