@@ -59,7 +59,7 @@ from minisd35.errors import InputError
 
 # BLOCK_M rows per program x num_warps; BLOCK_K = K rounded up to a power of two (whole rows), pruned as in
 # fp8_quant.py so that the row tile fits in registers.
-LN_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4) for w in (2, 4, 8, 16)]
+LN_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4) for w in (4, 8, 16)]
 CPU_CONFIGS = [triton.Config({"BLOCK_M": 2}, num_warps=4)]  # the interpreter: one config, nothing to time
 
 
