@@ -3,6 +3,7 @@
 TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and writes one JSON.
 
     fp8_quant.py         quant_fp8(x, per_token=True, scale=None) -> (x_fp8, scale)       activations -> E4M3
+                         (x [M, K], or a [B, L, K] / [B, L, H, hd] view read in place)
     fp8_gemm.py          fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
                          fast_accum, variant) -> out                                      W8A8 GEMM + epilogue
                          (variant: "default" | "add" | "tma" | "ws" = TMA + warp specialisation, Hopper)
@@ -14,6 +15,7 @@ TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and
     qk_norm.py           qk_norm_split(qkv, B, L, heads, hd, wq, wk, eps, q, k, v, offset)  QK RMSNorm + head split
                          into the attention buffers
     gelu_quant.py        gelu_quant(h) -> (h8, scale)                                     GELU(tanh) + per-token FP8
+    gated_residual.py    gated_residual(y, gate, residual, rows_per_batch) -> out         residual + gate[b] * y
 Every one has a `*_ref` twin in plain torch with the same semantics. Conventions (scale = dequant multiplier,
 amax / 448, clamp before every cast) are in _common.py.
 

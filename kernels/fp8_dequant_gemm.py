@@ -22,10 +22,13 @@ Two ways to decode the bytes (bitcast=):
          subnormals unless told to flush them, and Triton does not), times 2**120 = m * 2**-9, exactly E4M3's
          subnormal. The one code that does not map is NaN (0x7F / 0xFF, which would decode as 480), so it is
          selected explicitly. (The first version went through an fp16 pattern and a conversion to fp32: 13.6
-         instead of 11.6 instructions per weight in the FMA GEMV compiled for sm80. This version is checked code
-         by code under the interpreter and compiled for sm80/sm90, but not yet timed on a GPU; GPU session 7
-         timed the first one at 0.76x of bf16 F.linear's speed on the one GEMV over Large's adaLN, forced on the
-         H200.)
+         instead of 11.6 instructions per weight in the FMA GEMV compiled for sm80.) Forced on an H200 (GPU
+         session 8, bench/results/2026-12-02_h200_session8/gemv_run1.json, M = 2, CUDA graph): the one GEMV over
+         Large's adaLN 1.456 ms against bf16 F.linear's 1.252 (0.86x of its speed; the first decode: 0.76x in
+         session 7) and 0.729 ms with the hardware conversion; per layer 27.1 vs 19.8 us (Large), 17.3 vs 13.8 us
+         (Medium). The decode is ALU work the fp8 path does not have, so on Hopper it only checks correctness;
+         on the GPUs it is for (RTX 30, A100: no fp8 type, Triton's own fp8 casts are emulated there too) it is
+         not measured.
   None (default): True for a uint8 weight or a GPU below sm89, otherwise False. Force True on Hopper to measure it.
 
 What is fused when, and why (route="auto"; "fused" / "dequant" force one):
@@ -123,8 +126,9 @@ GEMM_CONFIGS = [
 FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
 FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)
 # decoding uint8 codes by hand (bitcast=True) needs more registers: under the cap 32 x 128 spills (112 bytes, sm80),
-# so this path runs it uncapped (166 registers, no spills). Not timed on a GPU yet (bench/kernels_gpu.py's gemv
-# section times it and the alternatives, forced on the H200).
+# so this path runs it uncapped (166 registers, no spills). Forced on an H200 (session 8), the alternatives were
+# within a few percent on the one all-adaLN GEMV (16 x 128, 4 warps: 1.403 vs 1.456 ms) and up to 10% faster per
+# layer (8 x 256, 2 warps: 24.6 vs 27.1 us); kept, as Hopper is not where this path runs.
 FMA_GEMV_BITCAST_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 FMA_WIDE_K = 4096  # K above this takes FMA_GEMV_WIDE_CONFIG
 FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time; the FMA one's is unrolled)

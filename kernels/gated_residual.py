@@ -8,11 +8,13 @@ fc2 GEMM whose epilogue cannot do it (torch._scaled_mm, cuBLAS).
 
 computed in fp32 with one rounding at the store, as torch.addcmul(residual, gate[:, None], y) does (its opmath
 is fp32 for bf16). Why a kernel for three flops per element: torch's addcmul broadcasts gate over the rows, which
-drops it off its vectorised path onto the generic strided TensorIterator loop; on an H200 in one SD3.5 Large step
-(bench/results/2026-12-02_h200_session8) its 150 calls took 5.5 ms, ~45% of the copy bandwidth for the
-8192-row image stream. This is a plain tiled elementwise kernel: [BLOCK_M, BLOCK_N] tiles, 16-byte accesses, the
-gate row of a tile read once per row and kept in L1/L2. Memory-bound at 3 * M * N * 2 bytes; its figure of merit is
-GB/s against a device-to-device copy.
+drops it off its vectorised path onto the generic strided TensorIterator loop (elementwise_kernel<128, 4>). In one
+SD3.5 Large FP8 step on an H200 (torch.profiler, bench/results/2026-12-02_h200_session8) its 150 calls took
+5.51 ms of GPU time; this kernel's take 2.46-2.53 ms. It is a plain tiled elementwise kernel: [BLOCK_M, BLOCK_N]
+tiles, 16-byte accesses, the gate row of a tile read once per row and kept in L1/L2. Memory-bound at 3 * M * N * 2
+bytes; its figure of merit is GB/s against a device-to-device copy. (Its `__main__` times eager calls with
+do_bench, where a ~25 us kernel is bound by Triton's host-side launch cost: there it looks slower than addcmul.
+Inside the step, which is one CUDA graph, only the GPU time counts.)
 
 Out of place on purpose: the autotuner times every config on the real arguments, and an in-place update would
 apply the residual once per timing run.
