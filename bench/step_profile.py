@@ -45,22 +45,6 @@ def family(name: str) -> str:
     return "other"
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy (read + write counted)."""
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        b.copy_(a)
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * 2**30 * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
-
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -72,15 +56,14 @@ def main() -> None:
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
     res = {"env": env_info(), "variant": args.variant, "px": args.px, "batch": 2, "policy": args.policy,
-           "fast_accum": args.fast_accum, "copy_gbs": copy_bandwidth(), "layouts": {}}
+           "fast_accum": args.fast_accum, "layouts": {}}
     cfg = get_preset(args.variant).mmdit
     model = random_mmdit(cfg)
     if args.policy != "bf16":
         fp8.quantize(model, args.policy)
     inputs = step_inputs(cfg, args.px, 2)
     fast = accelerate(model, graphs=False, fast_accum=args.fast_accum)
-    print(f"{args.variant} {args.px}px, policy {args.policy}, fast_accum {args.fast_accum} "
-          f"(copy bandwidth {res['copy_gbs']:.0f} GB/s)")
+    print(f"{args.variant} {args.px}px, policy {args.policy}, fast_accum {args.fast_accum}")
     outs = {}
     for layout in args.layouts.split(","):
         fast.attention_layout = layout

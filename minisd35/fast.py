@@ -106,7 +106,9 @@ ATTENTION_LAYOUT = "bhld"  # the default of FastMMDiT.attention_layout
 
 def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor, layout: str = ATTENTION_LAYOUT):
     """q, k, v [B, H, L, hd]: contiguous ("bhld"), or views of [B, L, H, hd] memory ("blhd", diffusers' layout).
-    SDPA writes its output in the query's layout either way, and the proj GEMMs' quantiser reads each stream's
+    SDPA writes its output in the query's layout either way (tests/test_gpu.py checks it for the default CUDA
+    backend at SD3.5 Large's shape; a backend that did not would cost a copy, not correctness), and the proj
+    GEMMs' quantiser reads each stream's
     slice of out.transpose(1, 2) in place, so neither layout copies the attention output (reshaping it to
     [B * L, H * hd] did: 116 copies, 4.6 ms of kernel time in one SD3.5 Large FP8 step on an H200,
     bench/results/2026-12-02_h200_session8). The two layouts measured there in one process: cuDNN's attention
