@@ -632,13 +632,13 @@ def bench_ln(b: Bench, copy_gbps: float) -> dict:
         y = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=b.dev)
         ys = torch.empty(M, dtype=torch.float32, device=b.dev)
         for cfg in LN.LN_CONFIGS:
-            bk = 1 << (K - 1).bit_length()
-            if not 8 * 32 * cfg.num_warps <= cfg.kwargs["BLOCK_M"] * bk <= 16384:
+            tiles = LN.row_tiles(K)
+            if not LN.prune_row_tiles([cfg], tiles) == [cfg]:
                 continue
-            launch = lambda c=cfg, bk=bk: LN._ln_mod_kernel.fn[(triton.cdiv(M, c.kwargs["BLOCK_M"]),)](
+            launch = lambda c=cfg: LN._ln_mod_kernel.fn[(triton.cdiv(M, c.kwargs["BLOCK_M"]),)](
                 x, shift, scale, y, ys, M, K, L, 1e-6, x.stride(0), shift.stride(0), scale.stride(0), y.stride(0),
                 QUANT=True, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
-                Y_DT=tl.bfloat16, BLOCK_K=bk, num_warps=c.num_warps, enable_fp_fusion=False, **c.kwargs)
+                Y_DT=tl.bfloat16, num_warps=c.num_warps, enable_fp_fusion=False, **tiles, **c.kwargs)
             measure(rows, {"M": M, "K": K, "impl": "ln_mod_quant fixed config", "config": str(cfg)},
                     lambda: b.bandwidth(moved_q, copy_gbps, launch))
     print_table(rows, ["M", "K", "impl", "config", "rel_err_vs_ref", "codes_differ", "ms", "GBps", "pct_copy",

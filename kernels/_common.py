@@ -80,9 +80,9 @@ def round_to(x, DTYPE: tl.constexpr, ROUND_FIRST: tl.constexpr):
 @triton.jit
 def to_e4m3(x, inv, ROUND_FIRST: tl.constexpr):
     """x * inv (inv = 448 / amax, or 1 / scale), clamped to +-448 with NaN passing through, cast to E4M3.
-    inv broadcasts against x. ROUND_FIRST: round in fp32 first (set under the interpreter, see above)."""
-    q = x * inv
-    q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
+    inv broadcasts against x. ROUND_FIRST: round in fp32 first (set under the interpreter, see above). The clamp
+    is tl.clamp with NaN propagation (min.NaN / max.NaN: two instructions); two compare-and-selects cost four."""
+    q = tl.clamp(x * inv, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)  # min/max.NaN: 2 instructions
     if ROUND_FIRST:
         q = round_to_e4m3_grid(q)
     return q.to(tl.float8e4nv)
@@ -91,7 +91,8 @@ def to_e4m3(x, inv, ROUND_FIRST: tl.constexpr):
 def prune_row_tiles(configs, named_args, **kwargs):
     """early_config_prune for the row-wise kernels: keep configs whose [BLOCK_M, BLOCK_K] tile stays within
     MAX_ROW_TILE elements (<= 64 fp32 registers per thread at 8 warps) and gives each thread >= 8 of them."""
-    block_k = {**named_args, **kwargs}["BLOCK_K"]
+    args = {**named_args, **kwargs}
+    block_k = args["BLOCK_K"] + (args["BLOCK_K2"] if args.get("TAIL") else 0)  # ln_mod_quant: two column tiles
     kept = [c for c in configs if 8 * 32 * c.num_warps <= c.kwargs["BLOCK_M"] * block_k <= MAX_ROW_TILE]
     return kept or configs[:1]
 

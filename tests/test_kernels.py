@@ -308,7 +308,7 @@ def modulation(B, K, dtype=torch.bfloat16, seed=0):
     return mod[:, :K], mod[:, K:2 * K]  # strided chunks, as the model's mod.chunk(6, dim=1) gives
 
 
-@pytest.mark.parametrize("B,L,K", [(1, 1, 72), (3, 5, 72), (2, 3, 300)])
+@pytest.mark.parametrize("B,L,K", [(1, 1, 72), (3, 5, 72), (2, 3, 300), (2, 3, 64)])
 def test_ln_mod_quant_matches_the_model(B, L, K):
     x = randn(B * L, K, dtype=torch.bfloat16, scale=2.0, seed=B * L * K) + 0.5
     shift, scale = modulation(B, K, seed=K)
@@ -428,7 +428,8 @@ l_sig = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": 
 for quant in (True, False):
     build(f"ln_mod quant={quant}", ln_mod_quant._ln_mod_kernel, l_sig if quant else {**l_sig, "y_ptr": "*bf16"},
           dict(QUANT=quant, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
-               Y_DT=tl.bfloat16, BLOCK_M=2, BLOCK_K=4096), 90, warps=8, enable_fp_fusion=False)  # as launched
+               Y_DT=tl.bfloat16, BLOCK_M=2, BLOCK_K=2048, BLOCK_K2=512, TAIL=True),  # as launched at K = 2432
+          90, warps=8, enable_fp_fusion=False)
 '''
 
 

@@ -342,7 +342,7 @@ build("ln_mod_quant sm89 round first", ln_mod_quant._ln_mod_kernel, {"x_ptr": "*
       "scale_ptr": "*bf16", "y_ptr": "*fp8e4nv", "y_scale_ptr": "*fp32", "M": "i32", "K": "i32",
       "rows_per_batch": "i32", "eps": "fp32", "stride_xm": "i32", "stride_shift": "i32", "stride_scale": "i32",
       "stride_ym": "i32"}, dict(QUANT=True, ROUND_FIRST=True, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
-      Y_DT=tl.bfloat16, BLOCK_M=1, BLOCK_K=4096), arch=89, warps=8, enable_fp_fusion=False)
+      Y_DT=tl.bfloat16, BLOCK_M=1, BLOCK_K=2048, BLOCK_K2=512, TAIL=True), arch=89, warps=8, enable_fp_fusion=False)
 
 gr_sig = {"y_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
           "rows_per_batch": "i32", "stride_ym": "i32", "stride_gb": "i32", "stride_rm": "i32"}
