@@ -19,7 +19,10 @@ power-of-two tiles, the largest power of two <= K and the rest rounded up (2432 
 because with the exact roundings below the kernel is bound by instruction issue rather than by DRAM: one
 4096-wide tile for K = 2432 left 40% of the lanes computing on padding, 1024 SASS instructions per thread
 (sm90, 4 warps, quantising; 496 without the quantisation), and measured 37% of the copy bandwidth on an H200.
-Two tiles and a NaN-propagating min/max clamp (_common.to_e4m3) bring it to 720.
+Two tiles and a NaN-propagating min/max clamp (_common.to_e4m3) bring it to 720. On the H200, one config each
+by autotuning (bench/results/2026-12-02_h200_session8, CUDA graph): K = 2432 35.6 vs 41.4 us (43% instead of 37%
+of the copy bandwidth); K = 1536 21.9 vs 21.6 us; the bf16-output variant, whose padding cost less, got slower
+(K = 1536: 21.7 vs 17.0 us; K = 2432: 28.6 vs 27.2 us). The quantising kernel is what FP8 blocks run.
 
 Numerics match the plain model exactly, not just approximately: the reference is what minisd35's model does,
 F.layer_norm(x) * (1 + scale) + shift in x's dtype, where torch rounds every intermediate (the LayerNorm output,
