@@ -631,9 +631,9 @@ def bench_ln(b: Bench, copy_gbps: float) -> dict:
         # ln_mod_quant with every config alone (BLOCK_M rows per program x warps)
         y = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=b.dev)
         ys = torch.empty(M, dtype=torch.float32, device=b.dev)
+        tiles = LN.row_tiles(K)
         for cfg in LN.LN_CONFIGS:
-            tiles = LN.row_tiles(K)
-            if not LN.prune_row_tiles([cfg], tiles) == [cfg]:
+            if LN.prune_row_tiles([cfg], tiles) != [cfg]:
                 continue
             launch = lambda c=cfg: LN._ln_mod_kernel.fn[(triton.cdiv(M, c.kwargs["BLOCK_M"]),)](
                 x, shift, scale, y, ys, M, K, L, 1e-6, x.stride(0), shift.stride(0), scale.stride(0), y.stride(0),

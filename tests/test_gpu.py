@@ -96,9 +96,6 @@ def test_fp8_implementations_agree(recipe):
 def test_fast_forward_with_its_kernels_matches_plain(policy, layout):
     """fast.py on CUDA, where every fused op is its Triton kernel (test_fast.py runs the torch fallbacks): the tiny
     model in bf16, MMDiT-X blocks and the pre-only last block included, against the plain mmdit.py forward."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
     from test_fp8 import tiny_inputs, tiny_model
 
     from minisd35 import fp8
