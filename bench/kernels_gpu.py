@@ -628,13 +628,11 @@ def bench_ln(b: Bench, copy_gbps: float) -> dict:
                                        ("triton ln_mod (bf16 out)", ln_mod, moved_y, "bf16"),
                                        ("torch: layer_norm, modulate", ln_mod_ref, moved_y, None)]:
             measure(rows, {"M": M, "K": K, "impl": impl}, run, fn, moved, x, shift, scale, L, check=check)
-        # ln_mod_quant with every config alone (BLOCK_M rows per program x warps)
+        # ln_mod_quant with every config the autotuner would time, each alone (BLOCK_M rows per program x warps)
         y = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=b.dev)
         ys = torch.empty(M, dtype=torch.float32, device=b.dev)
         tiles = LN.row_tiles(K)
-        for cfg in LN.LN_CONFIGS:
-            if LN.prune_row_tiles([cfg], tiles) != [cfg]:
-                continue
+        for cfg in LN.prune_row_tiles(LN.LN_CONFIGS, tiles):
             launch = lambda c=cfg: LN._ln_mod_kernel.fn[(triton.cdiv(M, c.kwargs["BLOCK_M"]),)](
                 x, shift, scale, y, ys, M, K, L, 1e-6, x.stride(0), shift.stride(0), scale.stride(0), y.stride(0),
                 QUANT=True, ROUND_FIRST=False, LN_DT=tl.bfloat16, T_DT=tl.bfloat16, U_DT=tl.bfloat16,
