@@ -73,6 +73,7 @@ def measure(name: str, temp: float, variants: list[str], errors: list) -> list[d
     modes = {"bf16": (q, k, v, None, None, None, False)}
     try:
         modes["fp8 qk"] = A.prepare_fp8(q, k, v, pv=False)
+        modes["fp8 pv"] = A.prepare_fp8(q, k, v, qk=False)
         modes["fp8 qk+pv"] = A.prepare_fp8(q, k, v)
         prep_ms = bench_ms(lambda: A.prepare_fp8(q, k, v))[0]
     except Exception as e:
@@ -80,8 +81,10 @@ def measure(name: str, temp: float, variants: list[str], errors: list) -> list[d
         prep_ms = None
     for mode, a in modes.items():
         for var in variants:
-            cands.append((f"{mode} {var}", (lambda a=a, var=var: A.attention(*a[:6], v_transposed=a[6],
-                                                                                variant=var))))
+            if var.endswith("-acc") and mode not in ("fp8 pv", "fp8 qk+pv"):
+                continue  # pv_promote only changes the FP8 P @ V product
+            cands.append((f"{mode} {var}", (lambda a=a, var=var: A.attention(
+                *a[:6], v_transposed=a[6], variant=var.removesuffix("-acc"), pv_promote=not var.endswith("-acc")))))
     for label, fn in cands:
         row = {"shape": name, "temp": temp, "impl": label}
         try:
@@ -96,7 +99,8 @@ def measure(name: str, temp: float, variants: list[str], errors: list) -> list[d
             if base_ms is None:
                 base_ms = ms[0]
             row["x_sdpa"] = ms[0] / base_ms
-            kern = {"ptr": A._attn_ptr, "tma": A._attn_tma, "ws": A._attn_ws}.get(label.split()[-1])
+            kernels = {"ptr": A._attn_ptr, "tma": A._attn_tma, "ws": A._attn_ws, "tma-acc": A._attn_tma}
+            kern = kernels.get(label.split()[-1])
             if kern is not None and getattr(kern, "best_config", None) is not None:
                 row["config"] = str(kern.best_config)
         except Exception as e:
@@ -114,7 +118,7 @@ def main():
     ap.add_argument("--out", default="/tmp/attention.json")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--temps", default="1.0,1.5")
-    ap.add_argument("--variants", default="ptr,tma,ws")
+    ap.add_argument("--variants", default="ptr,tma,ws,tma-acc")
     args = ap.parse_args()
     info = env_info()
     print(json.dumps(info))

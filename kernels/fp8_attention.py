@@ -76,14 +76,21 @@ P_SHIFT = 8.0  # p = exp2(s - m + 8) in [0, 256] for the FP8 P @ V product (see 
 VARIANTS = ("auto", "ptr", "tma", "ws")
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, pre_hook=None) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
+def _cfg(bm: int, bn: int, warps: int, stages: int, pre_hook=None, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=pre_hook,
+                         maxnreg=maxnreg)
 
 
-# BLOCK_M 128 query rows per program (two 64-row wgmma per warpgroup at 8 warps, one at 4); BLOCK_N keys per
-# iteration. With hd = 64 the logits tile is the register hog: 128 x 128 fp32 over 256 threads = 64 per thread.
-ATTN_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2),
-                _cfg(64, 64, 4, 3), _cfg(128, 128, 4, 2)]
+# BLOCK_M query rows per program (BLOCK_M / 16 rows per warp), BLOCK_N keys per iteration. With hd = 64 the
+# logits tile is the register hog: 128 x 128 fp32 over 256 threads = 64 per thread. Triton 3.6 waits for every
+# wgmma right after issuing it (the PTX of these kernels has only `wgmma.wait_group 0`), so a program's MMAs and
+# its exp2 work take turns; what overlaps them is a second program on the same SM. Hence the maxnreg=128 configs:
+# 128 x 64 tiles at 8 warps need 139-158 registers per thread (sm90, ptxas), one program of 8 warps per SM; at 128
+# registers they do not spill and two programs fit (16 warps per SM).
+_SHAPES = [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (128, 64, 8, 3, None), (128, 128, 8, 2, None),
+           (64, 64, 4, 3, None), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128),
+           (64, 64, 4, 2, 128), (128, 128, 8, 2, 128)]
+ATTN_CONFIGS = [_cfg(bm, bn, w, st, maxnreg=r) for bm, bn, w, st, r in _SHAPES]
 CPU_CONFIGS = [_cfg(16, 16, 4, 1)]  # the interpreter: small, so that odd L spans several key and query blocks
 
 
@@ -94,23 +101,25 @@ def _set_block_shapes(nargs):
     nargs["v_desc"].block_shape = [hd, bn] if nargs["V_T"] else [bn, hd]
 
 
-TMA_CONFIGS = [_cfg(128, 64, 4, 3, _set_block_shapes), _cfg(128, 128, 8, 3, _set_block_shapes),
-               _cfg(128, 64, 8, 3, _set_block_shapes), _cfg(128, 128, 8, 2, _set_block_shapes),
-               _cfg(128, 128, 4, 2, _set_block_shapes)]
+TMA_CONFIGS = [_cfg(bm, bn, w, st, _set_block_shapes, r) for bm, bn, w, st, r in _SHAPES]
 WS_CONFIGS = [_cfg(128, 64, 4, 3, _set_block_shapes), _cfg(128, 128, 4, 3, _set_block_shapes),
               _cfg(128, 128, 4, 2, _set_block_shapes)]
 CPU_TMA_CONFIGS = [_cfg(16, 16, 4, 1, _set_block_shapes)]
 
 
 @triton.jit
-def _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, MASK: tl.constexpr, PV_FP8: tl.constexpr,
-          DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr):
-    """One key block: q [BLOCK_M, HD], k [BLOCK_N, HD], v [BLOCK_N, HD] (a view of vt's tile when V_T) ->
-    the updated (acc, l, m). MASK: the block runs past L; its logits there are -inf (p = 0)."""
+def _qk(q, k, DOT_F32: tl.constexpr):
+    """Logits of one key block, q [BLOCK_M, HD] @ k [BLOCK_N, HD]^T in an fp32 accumulator (fp8 x fp8 or bf16)."""
     if DOT_F32 and q.dtype != tl.float8e4nv:  # the interpreter's bf16 dot multiplies raw bits: widen first
-        s = tl.dot(q.to(tl.float32), k.to(tl.float32).T)
-    else:
-        s = tl.dot(q, k.T)  # fp32 accumulator; fp8 x fp8 or bf16 x bf16
+        return tl.dot(q.to(tl.float32), k.to(tl.float32).T)
+    return tl.dot(q, k.T)
+
+
+@triton.jit
+def _softmax(s, m_i, l_i, qk_scale, offs_n, L, MASK: tl.constexpr, PV_FP8: tl.constexpr,
+             ROUND_FIRST: tl.constexpr):
+    """Online-softmax update for one block of raw logits s -> (p, alpha, m, l). MASK: the block runs past L; its
+    logits there are -inf (p = 0)."""
     s = s * qk_scale
     if MASK:
         s = tl.where((offs_n < L)[None, :], s, float("-inf"))
@@ -120,16 +129,32 @@ def _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, MASK: tl.constexpr, PV_FP
         p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # in [0, 256]: see the docstring (P_SHIFT)
     else:
         p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    if PV_FP8 and ROUND_FIRST:
+        p = round_to_e4m3_grid(p)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def _pv(acc, alpha, p, v, PV_FP8: tl.constexpr, DOT_F32: tl.constexpr, PROMOTE: tl.constexpr):
+    """acc * alpha + p @ v. PROMOTE (FP8): the product in a fresh accumulator, added in fp32 (see the docstring);
+    otherwise the MMA accumulates onto acc * alpha."""
     if PV_FP8:
-        if ROUND_FIRST:
-            p = round_to_e4m3_grid(p)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)  # fresh accumulator, fp32 add (promotion)
-    elif DOT_F32:
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+        if PROMOTE:
+            return acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+        return tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+    if DOT_F32:
+        return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
+    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+
+
+@triton.jit
+def _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, MASK: tl.constexpr, PV_FP8: tl.constexpr,
+          DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, PROMOTE: tl.constexpr):
+    """One key block: q [BLOCK_M, HD], k [BLOCK_N, HD], v [BLOCK_N, HD] (a view of vt's tile when V_T) ->
+    the updated (acc, l, m)."""
+    p, alpha, m_i, l_i = _softmax(_qk(q, k, DOT_F32), m_i, l_i, qk_scale, offs_n, L, MASK, PV_FP8, ROUND_FIRST)
+    return _pv(acc, alpha, p, v, PV_FP8, DOT_F32, PROMOTE), l_i, m_i
 
 
 @triton.jit
@@ -144,7 +169,7 @@ def _attn_ptr_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, ks_ptr, vs_ptr, sm_scale, L, H,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh, stride_ol,
-    HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr,
+    HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, PROMOTE: tl.constexpr,
     DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -171,13 +196,15 @@ def _attn_ptr_kernel(
         offs_n = start + n
         k = tl.load(k_ptr + offs_n[:, None] * stride_kl + d[None, :])
         v = tl.load(v_ptr + offs_n[:, None] * stride_vl + d[None, :] * stride_vd)
-        acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, False, PV_FP8, DOT_F32, ROUND_FIRST)
+        acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, False, PV_FP8, DOT_F32, ROUND_FIRST,
+                              PROMOTE)
     if full < L:  # the last, partial key block
         offs_n = full + n
         kv_mask = (offs_n < L)[:, None]
         k = tl.load(k_ptr + offs_n[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, True, PV_FP8, DOT_F32, ROUND_FIRST)
+        acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, True, PV_FP8, DOT_F32, ROUND_FIRST,
+                              PROMOTE)
     _store(acc, l_i, o_ptr, offs_m, d, L, stride_ol, v_scale)
 
 
@@ -185,8 +212,9 @@ def _attn_ptr_kernel(
 def _attn_tma_kernel(
     q_ptr, k_desc, v_desc, o_ptr, qs_ptr, ks_ptr, vs_ptr, sm_scale, L, H,
     stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
-    HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, WARP_SPEC: tl.constexpr,
-    DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, PROMOTE: tl.constexpr,
+    WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """k_desc over k as [B * H * L, hd]; v_desc over v as [B * H * L, hd], or (V_T) over vt as [B * H * hd, L] with
     row stride Lp. Q is read once with pointer loads (masked), the output stored with pointers (masked)."""
@@ -216,7 +244,7 @@ def _attn_tma_kernel(
         else:
             v = v_desc.load([row0 + j * BLOCK_N, 0])
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, j * BLOCK_N + n, L, qk_scale, False, PV_FP8, DOT_F32,
-                              ROUND_FIRST)
+                              ROUND_FIRST, PROMOTE)
     if full * BLOCK_N < L:
         # rows past L belong to the next head (or are zero-filled past the tensor's end): the mask makes p = 0
         # there, and those rows hold finite values (E4M3 codes are clamped; no NaN), so 0 * v adds nothing
@@ -226,17 +254,18 @@ def _attn_tma_kernel(
         else:
             v = v_desc.load([row0 + full * BLOCK_N, 0])
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, full * BLOCK_N + n, L, qk_scale, True, PV_FP8, DOT_F32,
-                              ROUND_FIRST)
+                              ROUND_FIRST, PROMOTE)
     _store(acc, l_i, o_ptr, offs_m, d, L, stride_ol, v_scale)
 
 
-_KEY = ["L", "HD", "HAS_SCALES", "PV_FP8", "V_T"]
+_KEY = ["L", "HD", "HAS_SCALES", "PV_FP8", "V_T", "PROMOTE"]
 _attn_ptr = triton.autotune(configs=pick_configs(ATTN_CONFIGS, CPU_CONFIGS), key=_KEY, do_bench=tune_bench)(
     _attn_ptr_kernel)
 _attn_tma = triton.autotune(configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_KEY + ["WARP_SPEC"],
                             do_bench=tune_bench)(_attn_tma_kernel)
 _attn_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), key=_KEY + ["WARP_SPEC"],
                            do_bench=tune_bench)(_attn_tma_kernel)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,11 +309,14 @@ def _check(fn: str, q, k, v, v_transposed: bool, q_scale, k_scale, v_scale) -> t
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor | None = None,
               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *, v_transposed: bool = False,
-              sm_scale: float | None = None, out: torch.Tensor | None = None, variant: str = "auto") -> torch.Tensor:
+              sm_scale: float | None = None, out: torch.Tensor | None = None, variant: str = "auto",
+              pv_promote: bool = True) -> torch.Tensor:
     """softmax(q k^T * sm_scale) v over [B, H, L, hd] tensors (no mask, non-causal; sm_scale = 1/sqrt(hd) by default)
     -> bf16 [B, H, L, hd] with q's strides. q, k: both bf16 or both E4M3 with q_scale, k_scale; v: bf16 [B, H, L,
     hd], or E4M3 stored transposed [B, H, hd, Lp] with v_scale and v_transposed=True. Scales are 1-element fp32
-    tensors (read on the device: a CUDA graph can replay with new values)."""
+    tensors (read on the device: a CUDA graph can replay with new values). pv_promote=False: the FP8 P @ V products
+    accumulate in the MMA's accumulator across key blocks (one register tile fewer, fewer adds; see the docstring
+    for what that costs in precision)."""
     fn = "attention"
     B, H, L, hd = _check(fn, q, k, v, v_transposed, q_scale, k_scale, v_scale)
     dev = check_device(fn, q, k, v, q_scale, k_scale, v_scale, fp8=q.dtype == FP8 or v.dtype == FP8)
@@ -300,7 +332,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
     has_scales = q_scale is not None
     scales = (q_scale, k_scale, v_scale) if has_scales else (q, q, q)  # without scales: unused pointers
     sm = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(hd)
-    flags = dict(HD=hd, HAS_SCALES=has_scales, PV_FP8=v.dtype == FP8, V_T=v_transposed,
+    flags = dict(HD=hd, HAS_SCALES=has_scales, PV_FP8=v.dtype == FP8, V_T=v_transposed, PROMOTE=pv_promote,
                  DOT_F32=interpreting(), ROUND_FIRST=interpreting())
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
     with on_device(dev):
@@ -357,14 +389,15 @@ def quant_tensor(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
     return q, scale.reshape(1).float()
 
 
-def prepare_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: bool = True):
-    """bf16 q, k, v [B, H, L, hd] -> the FP8 arguments of attention(): (q8, k8, v_arg, q_scale, k_scale, v_scale,
-    v_transposed). pv=True: v as E4M3 transposed [B, H, hd, Lp] (Lp = L rounded up to 16); pv=False: v stays bf16
-    with scale 1 (only Q K^T in FP8)."""
-    q8, qs = quant_tensor(q)
-    k8, ks = quant_tensor(k)
+def prepare_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: bool = True, pv: bool = True):
+    """bf16 q, k, v [B, H, L, hd] -> the arguments of attention() with the chosen operands in FP8: (q, k, v_arg,
+    q_scale, k_scale, v_scale, v_transposed). qk: q and k as E4M3 with per-tensor scales (else bf16, scale 1);
+    pv: v as E4M3 transposed [B, H, hd, Lp] (Lp = L rounded up to 16; else bf16 v, scale 1)."""
+    one = torch.ones(1, device=q.device)
+    q8, qs = quant_tensor(q) if qk else (q, one)
+    k8, ks = quant_tensor(k) if qk else (k, one)
     if not pv:
-        return q8.contiguous(), k8.contiguous(), v, qs, ks, torch.ones(1, device=v.device), False
+        return q8.contiguous(), k8.contiguous(), v, qs, ks, one, False
     B, H, L, hd = v.shape
     v8, vs = quant_tensor(v)
     Lp = -(-L // 16) * 16
@@ -402,7 +435,7 @@ if __name__ == "__main__":
         ref = attention_ref(q, k, v)
         flop = 4 * B * H * L * L * hd
         modes = {"bf16": (q, k, v, None, None, None, False), "fp8 qk": prepare_fp8(q, k, v, pv=False),
-                 "fp8 qk+pv": prepare_fp8(q, k, v)}
+                 "fp8 pv": prepare_fp8(q, k, v, qk=False), "fp8 qk+pv": prepare_fp8(q, k, v)}
         for mode, args in modes.items():
             tol = 2e-2 if mode == "bf16" else 0.12
             for var in variants:
