@@ -31,7 +31,8 @@ FP8 details:
 - The MMA's accumulator keeps ~13 mantissa bits across a chain of FP8 MMAs (fp8_landscape.md); P @ V therefore
   goes into a fresh accumulator per key block and is added to acc in fp32, as fp8_gemm's promotion does.
 
-Variants (one autotune list each, chosen by `variant`, default "auto" = "tma" on Hopper, "ptr" elsewhere):
+Variants (one autotune list each, chosen by `variant`; "auto" = on Hopper "tma" for FP8 and "ws" for bf16, the
+fastest measured there, else "ptr"):
     "ptr"   pointer loads with masks: any GPU with FP8 in Triton (sm89+), and the interpreter
     "tma"   K / V tiles through host TMA descriptors over the flattened [B * H * L, hd] tensors (Hopper); the key
             block that runs past L reads the next head's rows, which the -inf mask on the logits turns into p = 0
@@ -67,6 +68,7 @@ from kernels._common import (
     on_device,
     pick_configs,
     round_to_e4m3_grid,
+    to_e4m3,
     tune_bench,
 )
 from minisd35.errors import HardwareError, InputError
@@ -76,21 +78,28 @@ P_SHIFT = 8.0  # p = exp2(s - m + 8) in [0, 256] for the FP8 P @ V product (see 
 VARIANTS = ("auto", "ptr", "tma", "ws")
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, pre_hook=None, maxnreg: int | None = None) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=pre_hook,
-                         maxnreg=maxnreg)
+def _cfg(bm: int, bn: int, warps: int, stages: int, pre_hook=None) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
 # BLOCK_M query rows per program (BLOCK_M / 16 rows per warp), BLOCK_N keys per iteration. With hd = 64 the
 # logits tile is the register hog: 128 x 128 fp32 over 256 threads = 64 per thread. Triton 3.6 waits for every
 # wgmma right after issuing it (the PTX of these kernels has only `wgmma.wait_group 0`), so a program's MMAs and
-# its exp2 work take turns; what overlaps them is a second program on the same SM. Hence the maxnreg=128 configs:
-# 128 x 64 tiles at 8 warps need 139-158 registers per thread (sm90, ptxas), one program of 8 warps per SM; at 128
-# registers they do not spill and two programs fit (16 warps per SM).
-_SHAPES = [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (128, 64, 8, 3, None), (128, 128, 8, 2, None),
-           (64, 64, 4, 3, None), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128),
-           (64, 64, 4, 2, 128), (128, 128, 8, 2, 128)]
-ATTN_CONFIGS = [_cfg(bm, bn, w, st, maxnreg=r) for bm, bn, w, st, r in _SHAPES]
+# its exp2 work take turns, and only other programs on the SM overlap them. Tried on an H200 and dropped: a
+# software-pipelined loop (Q K^T of block j + 1 issued before block j's softmax: Triton still waits at once) and
+# maxnreg=128 configs for two 8-warp programs per SM (within 2% of these; bench/results/2026-12-03_h200_session9).
+_SHAPES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+ATTN_CONFIGS = [_cfg(bm, bn, w, st) for bm, bn, w, st in _SHAPES]
+
+
+def _prune_pre_hopper(configs, named_args, **kwargs):
+    """Without wgmma (sm8x: mma.sync, each warp owns BLOCK_M / num_warps query rows) tiles of more than 16 rows x
+    64 keys per warp spill registers (sm89, ptxas: 128 x 64 at 4 warps 152 bytes in bf16, 128 x 128 at 8 warps
+    48), so those configs are not even timed there."""
+    dev = named_args["q_ptr"].device
+    if dev.type != "cuda" or capability(dev) >= (9, 0):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] // c.num_warps <= 16 and c.kwargs["BLOCK_N"] <= 64] or configs[:1]
 CPU_CONFIGS = [_cfg(16, 16, 4, 1)]  # the interpreter: small, so that odd L spans several key and query blocks
 
 
@@ -101,7 +110,7 @@ def _set_block_shapes(nargs):
     nargs["v_desc"].block_shape = [hd, bn] if nargs["V_T"] else [bn, hd]
 
 
-TMA_CONFIGS = [_cfg(bm, bn, w, st, _set_block_shapes, r) for bm, bn, w, st, r in _SHAPES]
+TMA_CONFIGS = [_cfg(bm, bn, w, st, _set_block_shapes) for bm, bn, w, st in _SHAPES]
 WS_CONFIGS = [_cfg(128, 64, 4, 3, _set_block_shapes), _cfg(128, 128, 4, 3, _set_block_shapes),
               _cfg(128, 128, 4, 2, _set_block_shapes)]
 CPU_TMA_CONFIGS = [_cfg(16, 16, 4, 1, _set_block_shapes)]
@@ -259,13 +268,33 @@ def _attn_tma_kernel(
 
 
 _KEY = ["L", "HD", "HAS_SCALES", "PV_FP8", "V_T", "PROMOTE"]
-_attn_ptr = triton.autotune(configs=pick_configs(ATTN_CONFIGS, CPU_CONFIGS), key=_KEY, do_bench=tune_bench)(
-    _attn_ptr_kernel)
+_attn_ptr = triton.autotune(configs=pick_configs(ATTN_CONFIGS, CPU_CONFIGS), key=_KEY, do_bench=tune_bench,
+                            prune_configs_by={"early_config_prune": _prune_pre_hopper})(_attn_ptr_kernel)
 _attn_tma = triton.autotune(configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_KEY + ["WARP_SPEC"],
                             do_bench=tune_bench)(_attn_tma_kernel)
 _attn_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), key=_KEY + ["WARP_SPEC"],
                            do_bench=tune_bench)(_attn_tma_kernel)
 
+
+
+@triton.jit
+def _v_fp8_t_kernel(v_ptr, vt_ptr, scale_ptr, L, H, stride_vb, stride_vh, stride_vl, stride_tb, stride_th, stride_td,
+                    HD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_L: tl.constexpr):
+    """v [B, H, L, hd] (model dtype) -> vt [B, H, hd, Lp] E4M3 = v / scale, clamped: BLOCK_L tokens of one head per
+    program, read as [BLOCK_L, hd] rows and written as [hd, BLOCK_L] columns (the layout change goes through shared
+    memory inside the kernel)."""
+    pid_l, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    tok = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.arange(0, HD)
+    x = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + tok[:, None].to(tl.int64) * stride_vl
+                + d[None, :], mask=(tok < L)[:, None], other=0.0)
+    q = to_e4m3(x.to(tl.float32), 1.0 / tl.load(scale_ptr), ROUND_FIRST)
+    tl.store(vt_ptr + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + d[None, :] * stride_td + tok[:, None],
+             q, mask=(tok < L)[:, None])
+
+
+V_BLOCK_L = 64  # 64 tokens x 64 dims: 4 KB of bf16 read, 4 KB of E4M3 written per program
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,8 +351,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
     dev = check_device(fn, q, k, v, q_scale, k_scale, v_scale, fp8=q.dtype == FP8 or v.dtype == FP8)
     if variant not in VARIANTS:
         raise InputError(f"{fn}: variant={variant!r}; expected one of {VARIANTS}")
-    if variant == "auto":
-        variant = "tma" if dev.type == "cuda" and capability(dev) >= (9, 0) else "ptr"
+    if variant == "auto":  # the fastest per mode on an H200 (bench/results/2026-12-03_h200_session9/attention_run2)
+        fp8 = q.dtype == FP8 or v.dtype == FP8
+        variant = ("tma" if fp8 else "ws") if dev.type == "cuda" and capability(dev) >= (9, 0) else "ptr"
     if out is None:
         out = torch.empty_strided(q.shape, q.stride(), dtype=torch.bfloat16, device=q.device)
     elif out.shape != q.shape or out.dtype != torch.bfloat16 or out.stride(3) != 1:
@@ -389,20 +419,52 @@ def quant_tensor(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
     return q, scale.reshape(1).float()
 
 
+def padded_len(L: int) -> int:
+    """Lp: the row length of a transposed E4M3 v, L rounded up to 16 bytes (TMA's row alignment)."""
+    return -(-L // 16) * 16
+
+
+def v_fp8_transposed(v: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, H, L, hd] bf16 / fp16 (hd contiguous) -> (vt [B, H, hd, Lp] E4M3, scale fp32 [1]): one per-tensor scale
+    (amax / 448 unless given, computed on the device: no host sync, graph-safe), the transpose that Hopper's FP8
+    P @ V needs, in one pass after the amax."""
+    fn = "v_fp8_transposed"
+    check_tensor(fn, "v", v, (torch.bfloat16, torch.float16), ndim=4)
+    dev = check_device(fn, v, scale)
+    B, H, L, hd = v.shape
+    if scale is None:
+        lo, hi = torch.aminmax(v)
+        scale = (torch.maximum(-lo, hi).float().clamp_min(SCALE_FLOOR) / FP8_MAX).reshape(1)
+    else:
+        check_scale(fn, "scale", scale, 1, "tensor")
+    vt = torch.empty(B, H, hd, padded_len(L), dtype=FP8, device=v.device)
+    with on_device(dev):
+        _v_fp8_t_kernel[(triton.cdiv(L, V_BLOCK_L), B * H)](
+            v, vt, scale, L, H, *v.stride()[:3], *vt.stride()[:3], HD=hd, ROUND_FIRST=interpreting(),
+            BLOCK_L=V_BLOCK_L, num_warps=4)
+    return vt, scale
+
+
+def v_fp8_transposed_ref(v: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch v_fp8_transposed (the padding columns are zero here, unwritten there: never read)."""
+    B, H, L, hd = v.shape
+    v8, scale = quant_tensor(v, scale)
+    vt = torch.zeros(B, H, hd, padded_len(L), dtype=FP8, device=v.device)
+    vt[..., :L] = v8.transpose(2, 3)
+    return vt, scale
+
+
 def prepare_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: bool = True, pv: bool = True):
     """bf16 q, k, v [B, H, L, hd] -> the arguments of attention() with the chosen operands in FP8: (q, k, v_arg,
     q_scale, k_scale, v_scale, v_transposed). qk: q and k as E4M3 with per-tensor scales (else bf16, scale 1);
-    pv: v as E4M3 transposed [B, H, hd, Lp] (Lp = L rounded up to 16; else bf16 v, scale 1)."""
+    pv: v as E4M3 transposed [B, H, hd, Lp] (else bf16 v, scale 1). Plain torch, for tests and benchmarks: the
+    model writes E4M3 q and k straight from its QK-norm kernel."""
     one = torch.ones(1, device=q.device)
     q8, qs = quant_tensor(q) if qk else (q, one)
     k8, ks = quant_tensor(k) if qk else (k, one)
     if not pv:
         return q8.contiguous(), k8.contiguous(), v, qs, ks, one, False
-    B, H, L, hd = v.shape
-    v8, vs = quant_tensor(v)
-    Lp = -(-L // 16) * 16
-    vt = torch.zeros(B, H, hd, Lp, dtype=FP8, device=v.device)
-    vt[..., :L] = v8.transpose(2, 3)
+    vt, vs = v_fp8_transposed_ref(v)
     return q8.contiguous(), k8.contiguous(), vt, qs, ks, vs, True
 
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
+    FP8,
     TL_DTYPES,
     check_device,
     check_tensor,
@@ -49,6 +50,7 @@ from kernels._common import (
     on_device,
     pick_configs,
     round_to,
+    to_e4m3,
 )
 from minisd35.errors import InputError
 
@@ -76,6 +78,8 @@ def _rms_norm(x, w_ptr, d, HD: tl.constexpr, eps, HAS_W: tl.constexpr, W_LOWP: t
         else:  # (y * weight).to(x dtype)
             y = round_to(y * w[None, :], X_DT, ROUND_FIRST)
         xf = y
+    if O_DT == tl.float8e4nv:  # quantised by the caller
+        return xf
     return round_to(xf, O_DT, ROUND_FIRST)  # the copy into the attention buffer
 
 
@@ -83,7 +87,7 @@ def _rms_norm(x, w_ptr, d, HD: tl.constexpr, eps, HAS_W: tl.constexpr, W_LOWP: t
 @triton.jit
 def _qk_norm_kernel(
     qkv_ptr, wq_ptr, wk_ptr, q_ptr, k_ptr, v_ptr,
-    L, heads, offset, stride_row, stride_ob, stride_oh, stride_ol, eps,
+    L, heads, offset, stride_row, stride_ob, stride_oh, stride_ol, eps, q_inv, k_inv,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
     WQ_LOWP: tl.constexpr, WQ_DT: tl.constexpr, WK_LOWP: tl.constexpr, WK_DT: tl.constexpr,
     X_DT: tl.constexpr, O_DT: tl.constexpr, ROUND_FIRST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -105,8 +109,11 @@ def _qk_norm_kernel(
            + d[None, :])
     tl.store(v_ptr + dst, xv.to(v_ptr.dtype.element_ty), mask=mask)
     yq = _rms_norm(xq, wq_ptr, d, HD, eps, HAS_WQ, WQ_LOWP, WQ_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
-    tl.store(q_ptr + dst, yq.to(q_ptr.dtype.element_ty), mask=mask)
     yk = _rms_norm(xk, wk_ptr, d, HD, eps, HAS_WK, WK_LOWP, WK_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
+    if O_DT == tl.float8e4nv:  # E4M3 q / k for fp8_attention: x / scale, clamped, cast (scale = 1 / inv)
+        yq = to_e4m3(yq, q_inv, ROUND_FIRST)
+        yk = to_e4m3(yk, k_inv, ROUND_FIRST)
+    tl.store(q_ptr + dst, yq.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(k_ptr + dst, yk.to(k_ptr.dtype.element_ty), mask=mask)
 
 
@@ -123,7 +130,7 @@ def _check(fn: str, qkv, B: int, L: int, heads: int, hd: int, wq, wk, q, k, v, o
         raise InputError(f"{fn}: qkv has shape {tuple(qkv.shape)}; expected [B*L, 3*heads*hd] = "
                          f"[{B * L}, {3 * heads * hd}] for B={B}, L={L}, heads={heads}, hd={hd}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(fn, name, t, FLOATS, ndim=4)
+        check_tensor(fn, name, t, FLOATS + ((FP8,) if name != "v" else ()), ndim=4)
         if t.shape[:2] != (B, heads) or t.shape[3] != hd or t.shape != q.shape:
             raise InputError(f"{fn}: {name} has shape {tuple(t.shape)}; expected [B, heads, Ltot, hd] = "
                              f"[{B}, {heads}, Ltot, {hd}], the same for q, k and v")
@@ -145,15 +152,18 @@ def _check(fn: str, qkv, B: int, L: int, heads: int, hd: int, wq, wk, q, k, v, o
 
 def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: torch.Tensor | None,
                   wk: torch.Tensor | None, eps: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  offset: int) -> None:
+                  offset: int, q_scale: float = 1.0, k_scale: float = 1.0) -> None:
     """Write RMSNorm(q_h) * wq, RMSNorm(k_h) * wk and v_h of qkv [B*L, 3*heads*hd] into q, k, v [B, heads, Ltot, hd]
-    at sequence positions offset .. offset+L. wq / wk: RMSNorm weights [hd], or None (no norm)."""
+    at sequence positions offset .. offset+L. wq / wk: RMSNorm weights [hd], or None (no norm). q and k may be
+    float8_e4m3fn buffers (v stays in the model dtype): then q / q_scale and k / k_scale are stored, clamped to
+    +-448 (fp8_attention's per-tensor dequant scales; static ones come from qk_fp8_scale)."""
     fn = "qk_norm_split"
     _check(fn, qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
     dev = check_device(fn, qkv, wq, wk, q, k, v, fp8=False)
     if q.dtype != k.dtype:
         raise InputError(f"{fn}: q is {q.dtype} but k is {k.dtype}; the buffers share one dtype")
     x_dt = TL_DTYPES[qkv.dtype]
+    o_dt = tl.float8e4nv if q.dtype == FP8 else TL_DTYPES[q.dtype]
 
     def weight_flags(w):
         if w is None:
@@ -166,9 +176,10 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
     with on_device(dev):
         _qk_norm_kernel[grid](
             qkv, wq if wq is not None else qkv, wk if wk is not None else qkv, q, k, v,
-            L, heads, offset, qkv.stride(0), q.stride(0), q.stride(1), q.stride(2), float(eps),
+            L, heads, offset, qkv.stride(0), q.stride(0), q.stride(1), q.stride(2), float(eps), 1.0 / q_scale,
+            1.0 / k_scale,
             HD=hd, BLOCK_D=next_pow2(hd), HAS_WQ=wq is not None, HAS_WK=wk is not None,
-            WQ_LOWP=wq_lowp, WQ_DT=wq_dt, WK_LOWP=wk_lowp, WK_DT=wk_dt, X_DT=x_dt, O_DT=TL_DTYPES[q.dtype],
+            WQ_LOWP=wq_lowp, WQ_DT=wq_dt, WK_LOWP=wk_lowp, WK_DT=wk_dt, X_DT=x_dt, O_DT=o_dt,
             ROUND_FIRST=interpreting(), EVEN_D=next_pow2(hd) == hd,
             enable_fp_fusion=False,  # torch's separate roundings: no fma of x*x into the sum or of y*w
         )
@@ -187,12 +198,15 @@ def rms_norm_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.T
 
 def qk_norm_split_ref(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: torch.Tensor | None,
                       wk: torch.Tensor | None, eps: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      offset: int) -> None:
+                      offset: int, q_scale: float = 1.0, k_scale: float = 1.0) -> None:
     """Plain torch, the logic of fast.qk_norm_split's fallback: the same writes into q, k, v."""
     _check("qk_norm_split_ref", qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
     qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    q[:, :, offset : offset + L] = rms_norm_ref(qh, wq, eps)
-    k[:, :, offset : offset + L] = rms_norm_ref(kh, wk, eps)
+    for buf, x, w, scale in ((q, qh, wq, q_scale), (k, kh, wk, k_scale)):
+        y = rms_norm_ref(x, w, eps)
+        if buf.dtype == FP8:  # the kernel's to_e4m3: x * (1 / scale), clamped, cast
+            y = (y.float() * (1.0 / scale)).clamp(-448.0, 448.0)
+        buf[:, :, offset : offset + L] = y
     v[:, :, offset : offset + L] = vh
 
 

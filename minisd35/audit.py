@@ -636,8 +636,10 @@ def draw_heatmap(rows: list[dict], depth: int, columns: list[tuple[str, str]], t
 PLOT_SIZE = (720, 400)
 
 
-def draw_step_plot(series: dict[str, list[float]], sigmas: list[float], title: str) -> Image.Image:
-    """Lines of relative error vs denoising step on a log axis (non-positive or NaN points are left out)."""
+def draw_step_plot(series: dict[str, list[float]], sigmas: list[float], title: str,
+                   xlabel: str | None = None) -> Image.Image:
+    """Lines of relative error vs denoising step (or, with xlabel, vs whatever the index is) on a log axis
+    (non-positive or NaN points are left out)."""
     W, H = PLOT_SIZE
     L, R, T, B = 64, 250, 30, 44
     img = Image.new("RGB", (W, H), WHITE)
@@ -661,8 +663,8 @@ def draw_step_plot(series: dict[str, list[float]], sigmas: list[float], title: s
     for i in range(n):
         if n <= 15 or i % math.ceil(n / 15) == 0 or i == n - 1:
             d.text((X(i) - 4, H - B + 4), str(i + 1), fill=BLACK, font=f)
-    d.text((L, H - 18), f"denoising step (sigma {sigmas[0]:.2f} -> {sigmas[-1]:.3f})" if sigmas else "step",
-           fill=BLACK, font=f)
+    d.text((L, H - 18), xlabel or (f"denoising step (sigma {sigmas[0]:.2f} -> {sigmas[-1]:.3f})" if sigmas
+                                   else "step"), fill=BLACK, font=f)
     for k, (label, vals) in enumerate(series.items()):
         c = SERIES_COLOURS[k % len(SERIES_COLOURS)]
         xy = [(X(i), Y(v)) for i, v in enumerate(vals) if math.isfinite(v) and v > 0]
@@ -791,6 +793,65 @@ def table(rows: list[dict], top: int, res: PolicyResult) -> str:
 
 
 # --- the audit -------------------------------------------------------------------------------------------------------
+
+# --- FP8 attention -----------------------------------------------------------------------------------------------
+
+
+def attention_audit(model: nn.Module, inputs: tuple, out_dir: str | Path | None = None) -> dict:
+    """What FP8 attention (fast.py, attention="fp8": E4M3 Q, K, P, V) does to one denoising step of `model` (an
+    MMDiT, bf16 or FP8-quantised) on inputs (x, t, context, pooled).
+
+    Per attention layer ("isolated"): the layer's bf16 q, k, v from the reference run are quantised as the FP8 path
+    quantises them (q, k with the static RMSNorm-bound scales of fast.qk_fp8_scale, v per tensor) and the FP8
+    attention output is compared with the bf16 one, by relative RMS error. Next to it, what explains it: the
+    spread of the logits (a logit error is proportional to the logit, and softmax turns logit errors into output
+    errors in proportion to how peaked it is), how much of the static range q and k use (amax / (448 * scale);
+    the bound is reached only by a one-hot row) and the share of q and k codes that fall below E4M3's normal range.
+    For the whole step ("propagated"): the step output with attention="fp8" against the same model with SDPA.
+    Writes attention.json and attention.png (errors per layer) into out_dir when given."""
+    from .fast import FastMMDiT, fp8_attention, qk_fp8_scale
+
+    rows = []
+
+    def probe(name, modules, q, k, v, out):
+        sq = [qk_fp8_scale(m.ln_q) for m in modules]
+        sk = [qk_fp8_scale(m.ln_k) for m in modules]
+        row = {"layer": name, "L": q.shape[2]}
+        if None in sq or None in sk:
+            rows.append({**row, "fp8": False})  # no QK norm: fast.py keeps this layer's Q K^T in bf16
+            return
+        sq_t, sk_t = (torch.tensor([max(s)], device=q.device) for s in (sq, sk))
+        q8, _ = quantize_act(q, per_token=False, scale=sq_t)
+        k8, _ = quantize_act(k, per_token=False, scale=sk_t)
+        o8 = fp8_attention(q8, k8, v, sq_t, sk_t)
+        n = min(q.shape[2], 512)  # logit statistics on the first 512 queries of the first sample against all keys
+        logits = (q[:1, :, :n].float() @ k[:1].float().transpose(2, 3)) / math.sqrt(q.shape[-1])
+        rows.append({**row, "fp8": True, "rel_rms": rel_rms(o8, out), "logit_std": float(logits.std()),
+                     "logit_max": float(logits.abs().max()),
+                     "q_range_used": float(q.abs().amax() / (E4M3_MAX * sq_t)),
+                     "k_range_used": float(k.abs().amax() / (E4M3_MAX * sk_t)),
+                     "q_subnormal": float((q8.float().abs() < SUBNORMAL_MAX).float().mean()),
+                     "k_subnormal": float((k8.float().abs() < SUBNORMAL_MAX).float().mean())})
+
+    with torch.inference_mode():
+        ref = FastMMDiT(model, fuse_adaln=False)
+        ref.probe = probe
+        want = ref(*inputs)
+        got = FastMMDiT(model, attention="fp8", fuse_adaln=False)(*inputs)
+    res = {"layers": rows, "step_rel_rms": rel_rms(got, want),
+           "max_layer_rel_rms": max((r["rel_rms"] for r in rows if r["fp8"]), default=None)}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "attention.json").write_text(json.dumps(res, indent=1))
+        fp8_rows = [r for r in rows if r["fp8"]]
+        series = {"FP8 attention rel RMS": [r["rel_rms"] for r in fp8_rows],
+                  "logit std / 10": [r["logit_std"] / 10 for r in fp8_rows],
+                  "q range used": [r["q_range_used"] for r in fp8_rows]}
+        title = f"FP8 attention per layer; whole step rel RMS {res['step_rel_rms']:.3g}"
+        draw_step_plot(series, [], title, xlabel="attention layer (block order)").save(out / "attention.png")
+    return res
+
 
 def run_audit(pipe_or_path, policy: str | Policy | list = "default", prompt: str = DEFAULT_PROMPT, seed: int = 0,
               steps: int | None = None, height: int | None = None, width: int | None = None,

@@ -285,6 +285,9 @@ def add_parser(sub) -> None:
     b.add_argument("--px", type=int, default=1024)
     b.add_argument("--batch", type=int, default=2, help="2 = one CFG step for one image")
     b.add_argument("--policies", default="default,row,tensor,weight-only")
+    b.add_argument("--attention", default="triton,fp8",
+                   help="fast.py attention modes to time besides SDPA (bf16 model: all but fp8; first FP8 policy: "
+                        "all; with fp8 also the per-layer FP8 attention audit)")
     b.add_argument("--peers", default="diffusers,torchao", help="comma list; '' for none")
     b.add_argument("--compile", action="store_true", help="also torch.compile the torchao model (minutes)")
     b.add_argument("--plain", action="store_true", help="also time the plain (unfused) minisd35 forward")
@@ -298,7 +301,8 @@ def add_parser(sub) -> None:
 
 def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, policies=("default",),
               peers=("diffusers", "torchao"), compile_peer: bool = False, plain: bool = False, iters: int = 10,
-              image_steps: int = 0, sustained_s: float = 0, profile: bool = False, log=print) -> dict:
+              image_steps: int = 0, sustained_s: float = 0, profile: bool = False, attention=("triton", "fp8"),
+              log=print) -> dict:
     """The benchmark behind `python -m minisd35 bench` (see the module docstring)."""
     from . import fp8
     from .fast import accelerate
@@ -363,6 +367,9 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
         if plain:
             run("minisd35 bf16 plain", model, wb, profile)
         run("minisd35 bf16", accelerate(fresh()), wb, profile)
+        for att in attention:
+            if att != "fp8":
+                run(f"minisd35 bf16 attn-{att}", accelerate(fresh(), attention=att), wb)
         if "diffusers" in peers:
             dm = diffusers_from_mmdit(model)
             dcall = lambda x, t, ctx, pooled, skip_layers=(): dm(hidden_states=x, timestep=t,
@@ -399,9 +406,21 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
                 run(f"minisd35 fp8 {pol} fast-accum", accelerate(q, fast_accum=True), qb)
                 if fp8.has_triton():
                     run(f"minisd35 fp8 {pol} triton-gemm", accelerate(q, gemm="triton"), qb)
+                for att in attention:
+                    run(f"minisd35 fp8 {pol} attn-{att}", accelerate(q, attention=att), qb)
+                if "fp8" in attention:
+                    from .audit import attention_audit
+
+                    res["attention_audit"] = attention_audit(q, inputs)
+                    log(f"  FP8 attention audit: step rel RMS {res['attention_audit']['step_rel_rms']:.3g}, worst "
+                        f"layer {res['attention_audit']['max_layer_rel_rms']}")
                 if sustained_s:
                     step = accelerate(q)
                     res["sustained"][f"minisd35 fp8 {pol}"] = sustained(lambda: step(*inputs), sustained_s, nv)
+                    if "fp8" in attention:
+                        step = accelerate(q, attention="fp8")
+                        res["sustained"][f"minisd35 fp8 {pol} attn-fp8"] = sustained(lambda: step(*inputs),
+                                                                                     sustained_s, nv)
             del q
             gc.collect()
             torch.cuda.empty_cache()
@@ -413,7 +432,8 @@ def cmd_bench(args) -> int:
 
     res = run_bench(args.variant, args.px, args.batch, tuple(p for p in args.policies.split(",") if p),
                     tuple(p for p in args.peers.split(",") if p), args.compile, args.plain, args.iters,
-                    args.image_steps, args.sustained, args.profile)
+                    args.image_steps, args.sustained, args.profile,
+                    tuple(a for a in args.attention.split(",") if a))
     line = json.dumps(res)
     if args.out:
         write_atomic(args.out, lambda tmp: Path(tmp).write_text(line + "\n"), force=True)

@@ -18,6 +18,8 @@ This module removes that overhead by hand, without compiling anything:
 - gate * y + residual is one pass (kernels/gated_residual.py), or the GEMM's epilogue (Triton FP8 GEMM);
 - GELU + per-token quantisation of the MLP hidden state is one pass;
 - attention runs on the fastest SDPA backend available on the device (cuDNN on Hopper when it works), chosen once;
+  or (attention="fp8") in FP8: the QK-norm pass writes E4M3 q and k with static scales, v is quantised and
+  transposed in one pass, and kernels/fp8_attention.py runs Q K^T and P V on FP8 tensor cores (see fp8_attention);
 - the whole step can be captured as a CUDA graph (`graphed`), removing ~2300 kernel launches of Python overhead.
 
 Every fused op has its plain reference (mmdit.JointBlock is the reference of the whole block); tests compare them.
@@ -26,11 +28,13 @@ Linears may be nn.Linear (bf16) or fp8.FP8Linear of any recipe: the fast path re
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import FP8Linear, quantize_act, resolve_impl, scaled_mm
+from .fp8 import E4M3, E4M3_MAX, SCALE_FLOOR, FP8Linear, quantize_act, resolve_impl, scaled_mm
 from .mmdit import MMDiT, layer_norm, modulate, timestep_embedding
 
 # --- small fused ops, each with a plain-torch fallback ---------------------------------------------------------------
@@ -77,17 +81,21 @@ def gelu_quant(h: torch.Tensor):
 
 
 def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, ln_k, q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, offset: int) -> None:
+                  k: torch.Tensor, v: torch.Tensor, offset: int, q_scale: float = 1.0, k_scale: float = 1.0) -> None:
     """qkv [B*L, 3*H*hd] -> q, k (RMS-normalised per head) and v written into the attention buffers [B, H, Ltot,
-    hd] at sequence positions offset..offset+L. One pass on CUDA; the reference does what mmdit.Attention does."""
+    hd] at sequence positions offset..offset+L. One pass on CUDA; the reference does what mmdit.Attention does.
+    E4M3 q / k buffers receive q / q_scale and k / k_scale, clamped to +-448."""
     if _triton_ok(qkv):  # SD3 Medium has no QK-norm (Identity): the kernel then only splits
         from kernels.qk_norm import qk_norm_split as kern
 
         return kern(qkv, B, L, heads, hd, getattr(ln_q, "weight", None), getattr(ln_k, "weight", None),
-                    getattr(ln_q, "eps", 1e-6), q, k, v, offset)
+                    getattr(ln_q, "eps", 1e-6), q, k, v, offset, q_scale, k_scale)
     qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    q[:, :, offset : offset + L] = ln_q(qh)
-    k[:, :, offset : offset + L] = ln_k(kh)
+    for buf, norm, x, scale in ((q, ln_q, qh, q_scale), (k, ln_k, kh, k_scale)):
+        y = norm(x)
+        if buf.dtype == E4M3:  # as the kernel: x * (1 / scale), clamped, cast
+            y = (y.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX)
+        buf[:, :, offset : offset + L] = y
     v[:, :, offset : offset + L] = vh
 
 
@@ -104,7 +112,8 @@ def gated_residual(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, 
 ATTENTION_LAYOUT = "bhld"  # the default of FastMMDiT.attention_layout
 
 
-def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor, layout: str = ATTENTION_LAYOUT):
+def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor, layout: str = ATTENTION_LAYOUT,
+                      qk_dtype: torch.dtype | None = None):
     """q, k, v [B, H, L, hd]: contiguous ("bhld"), or views of [B, L, H, hd] memory ("blhd", diffusers' layout).
     SDPA writes its output in the query's layout either way (tests/test_gpu.py checks it for the default CUDA
     backend at SD3.5 Large's shape; a backend that did not would cost a copy, not correctness), and the proj
@@ -113,10 +122,41 @@ def attention_buffers(B: int, H: int, L: int, hd: int, like: torch.Tensor, layou
     [B * L, H * hd] did: 116 copies, 4.6 ms of kernel time in one SD3.5 Large FP8 step on an H200,
     bench/results/2026-12-02_h200_session8). The two layouts measured there in one process: cuDNN's attention
     took 37.5 ms per step on "bhld" buffers and 39.7 ms on "blhd" (profiled, ungraphed), the graphed steps
-    97.2 vs 97.0 ms; "bhld" stays the default."""
+    97.2 vs 97.0 ms; "bhld" stays the default. qk_dtype: q and k in another dtype than v (E4M3 for FP8 attention)."""
+    dts = [qk_dtype or like.dtype] * 2 + [like.dtype]
     if layout == "blhd":
-        return [torch.empty(B, L, H, hd, dtype=like.dtype, device=like.device).transpose(1, 2) for _ in range(3)]
-    return [torch.empty(B, H, L, hd, dtype=like.dtype, device=like.device) for _ in range(3)]
+        return [torch.empty(B, L, H, hd, dtype=dt, device=like.device).transpose(1, 2) for dt in dts]
+    return [torch.empty(B, H, L, hd, dtype=dt, device=like.device) for dt in dts]
+
+
+def qk_fp8_scale(norm: nn.Module) -> float | None:
+    """The static per-tensor dequant scale for E4M3 q (or k) after the QK RMSNorm `norm`, or None without a norm
+    weight (SD3 Medium). An RMSNorm row y = x / sqrt(mean(x^2) + eps) has sum(y^2) < hd, so |y_i| < sqrt(hd), and
+    |y_i * w_i| < sqrt(hd) * max|w|: that bound, with a margin for the two bf16 roundings (2**-6), maps to 448.
+    The bound is reached only by a one-hot row; typical rows sit 3-8x below it, which E4M3, a floating-point format,
+    absorbs with no loss of relative precision (values stay far above its 2**-6 normal limit). A static scale needs
+    no amax pass over q and k, and the QK-norm kernel writes E4M3 directly."""
+    w = getattr(norm, "weight", None)
+    if w is None:
+        return None
+    bound = math.sqrt(w.numel()) * float(w.detach().float().abs().max()) * (1 + 2**-6)
+    return max(bound, SCALE_FLOOR) / E4M3_MAX
+
+
+def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
+                  k_scale: torch.Tensor) -> torch.Tensor:
+    """Attention over E4M3 q8, k8 [B, H, L, hd] (dequant scales q_scale, k_scale: fp32 [1]) and v in the model
+    dtype, which is quantised here per tensor (dynamic amax). CUDA: kernels/fp8_attention.py, Q K^T and P V on
+    FP8 tensor cores. Elsewhere: the same operands dequantised, exact softmax in fp32 (fp8_attention.attention_ref's
+    semantics; the kernel also rounds P to E4M3, which the tests bound)."""
+    if _triton_ok(q8):
+        from kernels.fp8_attention import attention, v_fp8_transposed
+
+        vt, v_scale = v_fp8_transposed(v)
+        return attention(q8, k8, vt, q_scale, k_scale, v_scale, v_transposed=True)
+    v8, v_scale = quantize_act(v, per_token=False)
+    qf, kf, vf = q8.float() * q_scale, k8.float() * k_scale, v8.float() * v_scale
+    return F.scaled_dot_product_attention(qf, kf, vf).to(v.dtype)
 
 
 def rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -179,18 +219,32 @@ def _adaln_layers(model: MMDiT) -> list[tuple[str, nn.Module]]:
     return out
 
 
+ATTENTION = ("auto", "cudnn", "flash", "efficient", "math", "triton", "fp8")
+
+
 class FastMMDiT(nn.Module):
-    """A faster forward over an MMDiT's own modules (shared, not copied). Same call signature as MMDiT."""
+    """A faster forward over an MMDiT's own modules (shared, not copied). Same call signature as MMDiT.
+
+    attention: "auto" (SDPA's choice), an SDPA backend ("cudnn", "flash", "efficient", "math"), "triton"
+    (kernels/fp8_attention.py in bf16) or "fp8" (the same kernel with E4M3 Q, K, P and V; layers without QK norm,
+    as in SD3 Medium, have no static q / k scale and run the bf16 kernel). On the CPU every choice runs SDPA, and
+    "fp8" its torch reference."""
 
     def __init__(self, model: MMDiT, fast_accum: bool = False, attention: str = "auto", gemm: str = "scaled_mm",
                  fuse_adaln: bool = True):
         super().__init__()
+        if attention not in ATTENTION:
+            from .errors import InputError
+
+            raise InputError(f"attention={attention!r}; expected one of {ATTENTION}")
         self.model = model
         self.cfg = model.cfg
         self.fast_accum, self.attention_backend, self.gemm = fast_accum, attention, gemm
         self.attention_layout = ATTENTION_LAYOUT  # attention_buffers' layout; an attribute so benchmarks can flip it
         self.adaln_kind = None
         self.streamer = None  # a streaming.BlockStreamer in streamed mode (set by stream())
+        self.qk_scales: dict[tuple, tuple | None] = {}  # ids of attention modules -> static E4M3 q / k scales
+        self.probe = None  # audit.attention_audit's hook: called as probe(name, modules, q, k, v, out) per attention
         if fuse_adaln:  # not for a model that moves between devices: .to() would copy the views apart
             self._fuse_adaln()
 
@@ -250,9 +304,41 @@ class FastMMDiT(nn.Module):
             outs = [allm[:, o : o + n] for o, n in self.adaln_slices]
         return outs
 
-    def sdpa(self, q, k, v):
+    def fp8_scales(self, *attns) -> tuple | None:
+        """(q_scale, k_scale, q_scale_t, k_scale_t) for E4M3 q / k buffers shared by these attention modules (the
+        joint buffer holds both streams: the larger of their bounds), or None when attention is not "fp8" or a module
+        has no QK norm. Computed once (a host sync: in the eager warm-up, never inside a graph capture)."""
+        if self.attention_backend != "fp8":
+            return None
+        key = tuple(id(a) for a in attns)
+        if key not in self.qk_scales:
+            sq = [qk_fp8_scale(a.ln_q) for a in attns]
+            sk = [qk_fp8_scale(a.ln_k) for a in attns]
+            if None in sq or None in sk:
+                self.qk_scales[key] = None
+            else:
+                dev = attns[0].qkv.weight.device
+                sq, sk = max(sq), max(sk)
+                self.qk_scales[key] = (sq, sk, torch.tensor([sq], device=dev), torch.tensor([sk], device=dev))
+        return self.qk_scales[key]
+
+    def attend(self, q, k, v, scales=None, name: str = "", modules: tuple = ()):
+        """Attention over the joint buffers; scales: fp8_scales() when q and k are E4M3. name / modules (the
+        attention modules whose q, k, v these are) go to the probe."""
+        out = self._attend(q, k, v, scales)
+        if self.probe is not None:
+            self.probe(name, modules, q, k, v, out)
+        return out
+
+    def _attend(self, q, k, v, scales):
+        if scales is not None:
+            return fp8_attention(q, k, v, scales[2], scales[3])
         backend = self.attention_backend
-        if backend == "auto" or not q.is_cuda:
+        if backend in ("triton", "fp8") and _triton_ok(q):
+            from kernels.fp8_attention import attention
+
+            return attention(q, k, v)
+        if backend in ("auto", "triton", "fp8") or not q.is_cuda:
             return F.scaled_dot_product_attention(q, k, v)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -260,6 +346,11 @@ class FastMMDiT(nn.Module):
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
         with sdpa_kernel(b):
             return F.scaled_dot_product_attention(q, k, v)
+
+    def buffers(self, B: int, H: int, L: int, hd: int, like: torch.Tensor, scales):
+        if scales is not None:  # E4M3 q and k; the kernel's TMA descriptors want contiguous [B, H, L, hd]
+            return attention_buffers(B, H, L, hd, like, "bhld", qk_dtype=E4M3)
+        return attention_buffers(B, H, L, hd, like, self.attention_layout)
 
     def block(self, i: int, e: torch.Tensor, x: torch.Tensor, x_mod: torch.Tensor, e_mod: torch.Tensor):
         """One joint block; e [B*Lt, D], x [B*Li, D] as 2-D row-major token matrices."""
@@ -275,18 +366,21 @@ class FastMMDiT(nn.Module):
 
         # q, k, v of both streams straight into the joint attention buffers [B, H, Li + Lt, hd]
         Ltot = Li + Lt
-        q, k, v = attention_buffers(B, H, Ltot, hd, x, self.attention_layout)
-        self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0)
-        self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li)
-        out = self.sdpa(q, k, v).transpose(1, 2)  # [B, Ltot, H, hd], a view: each stream's slice goes to its proj
+        sc = self.fp8_scales(xb.attn, cb.attn)
+        q, k, v = self.buffers(B, H, Ltot, hd, x, sc)
+        self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0, sc)
+        self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li, sc)
+        out = self.attend(q, k, v, sc, f"joint_blocks.{i}", (xb.attn, cb.attn))
+        out = out.transpose(1, 2)  # [B, Ltot, H, hd], a view: each stream's slice goes to its proj
         x_in = x
         x = self.lin(xb.attn.proj)(out[:, :Li], gate=gate_msa, residual=x, rows=Li)
 
         if blk.dual:  # MMDiT-X: a second attention over image tokens only, from the same LN(x_in), own modulation
             shift2, scale2, gate2 = xm[6:]
-            q2, k2, v2 = attention_buffers(B, H, Li, hd, x, self.attention_layout)
-            self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0)
-            o2 = self.sdpa(q2, k2, v2).transpose(1, 2)
+            sc2 = self.fp8_scales(xb.attn2)
+            q2, k2, v2 = self.buffers(B, H, Li, hd, x, sc2)
+            self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0, sc2)
+            o2 = self.attend(q2, k2, v2, sc2, f"joint_blocks.{i}.x_block.attn2", (xb.attn2,)).transpose(1, 2)
             x = self.lin(xb.attn2.proj)(o2, gate=gate2, residual=x, rows=Li)
 
         x = self.mlp(xb, x, shift_mlp, scale_mlp, gate_mlp, Li)
@@ -296,8 +390,9 @@ class FastMMDiT(nn.Module):
         e = self.mlp(cb, e, em[3], em[4], em[5], Lt)
         return e, x
 
-    def qkv(self, attn, inp, shift, scale, rows, q, k, v, offset):
-        """LN + modulate (+ quantise) -> qkv GEMM -> q/k norm, split into the attention buffers."""
+    def qkv(self, attn, inp, shift, scale, rows, q, k, v, offset, scales=None):
+        """LN + modulate (+ quantise) -> qkv GEMM -> q/k norm, split into the attention buffers (E4M3 q / k with
+        the static scales of fp8_scales())."""
         lin = self.lin(attn.qkv)
         if lin.takes_fp8():
             a8, asc = ln_mod_quant(inp, shift, scale, rows)
@@ -305,7 +400,8 @@ class FastMMDiT(nn.Module):
         else:
             out = lin(ln_mod(inp, shift, scale, rows))
         B = shift.shape[0]
-        qk_norm_split(out, B, rows, attn.heads, attn.head_dim, attn.ln_q, attn.ln_k, q, k, v, offset)
+        sq, sk = scales[:2] if scales is not None else (1.0, 1.0)
+        qk_norm_split(out, B, rows, attn.heads, attn.head_dim, attn.ln_q, attn.ln_k, q, k, v, offset, sq, sk)
 
     def mlp(self, sb, x, shift, scale, gate, rows):
         fc1, fc2 = self.lin(sb.mlp.fc1), self.lin(sb.mlp.fc2)

@@ -73,7 +73,8 @@ import json, os, re, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import fp8_dequant_gemm, fp8_gemm, fp8_quant, gated_residual, gelu_quant, ln_mod_quant, qk_norm
+from kernels import (fp8_attention, fp8_dequant_gemm, fp8_gemm, fp8_quant, gated_residual, gelu_quant, ln_mod_quant,
+                     qk_norm)
 
 def jit_fn(k):
     while not isinstance(k, triton.runtime.jit.JITFunction):

@@ -4,7 +4,8 @@
   batch 2: relative RMS error, finiteness, forward time of both (written to $OUT/gpu_tests.json when OUT is set);
 - the three FP8 implementations (ref, torch._scaled_mm, triton) agree on real SD3.5 layer shapes;
 - the fused forward (fast.py) with its Triton kernels equals the plain forward, and SDPA keeps the attention
-  buffers' layout (the proj GEMMs read its output without a copy);
+  buffers' layout (the proj GEMMs read its output without a copy); attention="triton" / "fp8" eager and graphed,
+  and the attention kernel's variants at an SD3.5 shape;
 - the weight-only kernel's uint8 bit-decoding path (for GPUs whose Triton has no fp8 type) equals the fp8 path;
 - the autotuners' timing helper allocates an L2-sized flush buffer and agrees with triton.testing.do_bench;
 - determinism: the same seed gives byte-identical PNGs twice, in bf16 and in FP8.
@@ -135,6 +136,48 @@ def test_attention_output_is_in_the_query_layout(layout):
     a8, s8 = quant_rows(part)
     want = ref.transpose(1, 2)[:, 4096:].reshape(-1, H * hd).float()
     assert rel_rms(a8.float() * s8[:, None], want) < 0.05
+
+
+@pytest.mark.parametrize("attention", ["triton", "fp8"])
+def test_fast_forward_with_triton_attention_graphed(attention):
+    """fast.py's attention="triton" / "fp8" on CUDA (kernels/fp8_attention.py, E4M3 q / k from the QK-norm kernel,
+    v quantised and transposed on the device): eager and CUDA-graphed runs agree, and the FP8 error against the
+    plain model stays at the level the CPU tests bound."""
+    from test_fp8 import tiny_inputs, tiny_model
+
+    from minisd35 import fp8
+    from minisd35.fast import accelerate
+
+    ref = tiny_model(seed=3, dtype=torch.bfloat16).cuda()
+    fp8.quantize(ref, "default")
+    inputs = tuple(a.cuda().bfloat16() if a.ndim > 1 else a.cuda() for a in tiny_inputs())
+    with torch.inference_mode():
+        want = ref(*inputs).float()
+        eager = accelerate(ref, graphs=False, attention=attention)(*inputs).float()
+        graphed = accelerate(ref, attention=attention)
+        got = graphed(*inputs).float()
+        again = graphed(*inputs).float()
+    err = rel_rms(got, want)
+    RESULTS[f"fast_attention_{attention}"] = err
+    assert torch.isfinite(got).all() and torch.equal(got, again)
+    assert rel_rms(got, eager) < 1e-3
+    assert err < (1e-2 if attention == "triton" else 5e-2), err
+
+
+@pytest.mark.parametrize("variant", ["ptr", "tma", "ws"])
+def test_attention_kernel_at_sd35_shape(variant):
+    """kernels/fp8_attention.py at SD3.5 Large 512 px's joint shape (L = 1357: a partial last key block) against the
+    fp32 reference, bf16 and FP8."""
+    from kernels.fp8_attention import attention, attention_ref, prepare_fp8
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 38, 1357, 64, device="cuda", generator=g).bfloat16() for _ in range(3))
+    ref = attention_ref(q, k, v)
+    err = rel_rms(attention(q, k, v, variant=variant), ref)
+    args = prepare_fp8(q, k, v)
+    err8 = rel_rms(attention(*args[:6], v_transposed=True, variant=variant), ref)
+    RESULTS[f"attention_{variant}"] = {"bf16": err, "fp8": err8}
+    assert err < 1e-2 and 1e-2 < err8 < 0.1, (err, err8)
 
 
 def test_autotuning_flushes_with_an_l2_sized_buffer():
