@@ -5,6 +5,7 @@ family (FP8 GEMM, attention, each fused memory-bound kernel, elementwise). Then 
 (fast.attention_buffers), in one process on the same weights, so the layouts compare fairly.
 
     python bench/step_profile.py --out $OUT/profile.json [--policy default] [--fast-accum] [--layouts bhld,blhd]
+                                 [--attention auto,fp8]   # fast.py attention modes, each profiled and graphed
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from minisd35.fast import Graphed, accelerate  # noqa: E402
 
 # kernel name substring -> family; first match wins (cuBLAS / CUTLASS GEMM names vary by version, so "gemm" last)
 FAMILIES = [
+    ("_attn_", "attention (triton)"), ("_v_fp8_t", "v -> E4M3 transposed"), ("MinMax", "v amax (aminmax)"),
     ("_ln_mod", "ln_mod(_quant)"), ("_qk_norm", "qk_norm_split"),
     ("_gelu_quant", "gelu_quant"), ("_quant", "quant (per token)"), ("dequant", "fp8 GEMV (adaLN)"),
     ("fmha", "attention"), ("sdpa", "attention"), ("flash", "attention"), ("attention", "attention"),
@@ -53,20 +55,24 @@ def main() -> None:
     ap.add_argument("--policy", default="default")
     ap.add_argument("--fast-accum", action="store_true")
     ap.add_argument("--layouts", default="bhld")
+    ap.add_argument("--attention", default="auto", help="comma list of fast.py attention modes")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
     res = {"env": env_info(), "variant": args.variant, "px": args.px, "batch": 2, "policy": args.policy,
-           "fast_accum": args.fast_accum, "layouts": {}}
+           "fast_accum": args.fast_accum, "layouts": {}}  # keyed "layout" or "layout attention=mode"
     cfg = get_preset(args.variant).mmdit
     model = random_mmdit(cfg)
     if args.policy != "bf16":
         fp8.quantize(model, args.policy)
     inputs = step_inputs(cfg, args.px, 2)
-    fast = accelerate(model, graphs=False, fast_accum=args.fast_accum)
     print(f"{args.variant} {args.px}px, policy {args.policy}, fast_accum {args.fast_accum}")
     outs = {}
-    for layout in args.layouts.split(","):
+    runs = [(lay, att) for att in args.attention.split(",") for lay in args.layouts.split(",")]
+    for layout, att in runs:
+        fast = accelerate(model, graphs=False, fast_accum=args.fast_accum, attention=att)
         fast.attention_layout = layout
+        if att != "auto":
+            layout = f"{layout} attention={att}"
         rec = profile_step(lambda: fast(*inputs))
         graphed = Graphed(fast)
         ms = sorted(cuda_times(lambda g=graphed: g(*inputs), iters=10))

@@ -12,10 +12,13 @@ TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and
                          (any GPU; M <= 4 picks the faster of two GEMV kernels on its first call per layer shape;
                          from M = 512 on: dequant_weight(w, w_scale, dtype) + F.linear, i.e. cuBLAS)
     ln_mod_quant.py      ln_mod_quant(x, shift, scale, rows_per_batch, eps) -> (y_fp8, y_scale), ln_mod(...) -> y
-    qk_norm.py           qk_norm_split(qkv, B, L, heads, hd, wq, wk, eps, q, k, v, offset)  QK RMSNorm + head split
-                         into the attention buffers
+    qk_norm.py           qk_norm_split(qkv, B, L, heads, hd, wq, wk, eps, q, k, v, offset, q_scale, k_scale)
+                         QK RMSNorm + head split into the attention buffers (bf16, or E4M3 q / k)
     gelu_quant.py        gelu_quant(h) -> (h8, scale)                                     GELU(tanh) + per-token FP8
     gated_residual.py    gated_residual(y, gate, residual, rows_per_batch) -> out         residual + gate[b] * y
+    fp8_attention.py     attention(q, k, v, q_scale, k_scale, v_scale, v_transposed, variant) -> out    fused
+                         softmax(q k^T / sqrt(hd)) v, bf16 or E4M3 q / k and v (E4M3 v stored transposed:
+                         v_fp8_transposed(v) -> (vt, scale)); variant "ptr" | "tma" | "ws" (Hopper)
 Every one has a `*_ref` twin in plain torch with the same semantics. Conventions (scale = dequant multiplier,
 amax / 448, clamp before every cast) are in _common.py.
 
