@@ -278,23 +278,29 @@ _attn_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), ke
 
 
 @triton.jit
-def _v_fp8_t_kernel(v_ptr, vt_ptr, scale_ptr, L, H, stride_vb, stride_vh, stride_vl, stride_tb, stride_th, stride_td,
-                    HD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_L: tl.constexpr):
-    """v [B, H, L, hd] (model dtype) -> vt [B, H, hd, Lp] E4M3 = v / scale, clamped: BLOCK_L tokens of one head per
-    program, read as [BLOCK_L, hd] rows and written as [hd, BLOCK_L] columns (the layout change goes through shared
-    memory inside the kernel)."""
+def _v_fp8_t_kernel(v_ptr, vt_ptr, amax_ptr, scale_ptr, L, Lp, H, stride_vb, stride_vh, stride_vl, stride_tb,
+                    stride_th, stride_td, HD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_L: tl.constexpr):
+    """v [B, H, L, hd] (model dtype) -> vt [B, H, hd, Lp] E4M3 = v / scale, clamped, with scale = max(amax, floor) /
+    448 from the 1-element amax (program (0, 0) also stores it, for the attention kernel). BLOCK_L tokens of one
+    head per program: read as [BLOCK_L, hd] rows (16-byte loads), transposed in registers / shared memory, written
+    as hd rows of BLOCK_L bytes. The store mask runs to Lp (a multiple of 16; the padding gets zeros), so that the
+    compiler can prove 16-byte alignment and write 16 bytes per instruction: with the mask at L (odd at SD3.5's
+    4429 tokens) it wrote one byte per instruction and took 154 us per call at Large's shape (H200, session 9)."""
     pid_l, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     tok = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.arange(0, HD)
     x = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + tok[:, None].to(tl.int64) * stride_vl
                 + d[None, :], mask=(tok < L)[:, None], other=0.0)
-    q = to_e4m3(x.to(tl.float32), 1.0 / tl.load(scale_ptr), ROUND_FIRST)
-    tl.store(vt_ptr + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + d[None, :] * stride_td + tok[:, None],
-             q, mask=(tok < L)[:, None])
+    scale = tl.maximum(tl.load(amax_ptr), 1e-12) / 448.0
+    if pid_l == 0 and bh == 0:
+        tl.store(scale_ptr, scale)
+    q = tl.trans(to_e4m3(x.to(tl.float32), 1.0 / scale, ROUND_FIRST))  # [HD, BLOCK_L]
+    tl.store(vt_ptr + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + d[:, None] * stride_td + tok[None, :],
+             q, mask=(tok < Lp)[None, :])
 
 
-V_BLOCK_L = 64  # 64 tokens x 64 dims: 4 KB of bf16 read, 4 KB of E4M3 written per program
+V_BLOCK_L = 128  # 128 tokens x 64 dims: 16 KB of bf16 read, 8 KB of E4M3 written per program
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,30 +430,34 @@ def padded_len(L: int) -> int:
     return -(-L // 16) * 16
 
 
-def v_fp8_transposed(v: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [B, H, L, hd] bf16 / fp16 (hd contiguous) -> (vt [B, H, hd, Lp] E4M3, scale fp32 [1]): one per-tensor scale
-    (amax / 448 unless given, computed on the device: no host sync, graph-safe), the transpose that Hopper's FP8
-    P @ V needs, in one pass after the amax."""
+def v_fp8_transposed(v: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, H, L, hd] bf16 / fp16 (hd contiguous) -> (vt [B, H, hd, Lp] E4M3, scale fp32 [1]): one per-tensor scale,
+    max(amax, 1e-12) / 448, computed on the device (no host sync, graph-safe), and the transpose that Hopper's FP8
+    P @ V needs, in one pass. amax: fp32 [1] max |v| if already known (fast.py has qk_norm_split accumulate it
+    while it writes v), else one torch.aminmax pass over v here."""
     fn = "v_fp8_transposed"
     check_tensor(fn, "v", v, (torch.bfloat16, torch.float16), ndim=4)
-    dev = check_device(fn, v, scale)
+    dev = check_device(fn, v, amax)
     B, H, L, hd = v.shape
-    if scale is None:
+    if amax is None:
         lo, hi = torch.aminmax(v)
-        scale = (torch.maximum(-lo, hi).float().clamp_min(SCALE_FLOOR) / FP8_MAX).reshape(1)
+        amax = torch.maximum(-lo, hi).float().reshape(1)
     else:
-        check_scale(fn, "scale", scale, 1, "tensor")
-    vt = torch.empty(B, H, hd, padded_len(L), dtype=FP8, device=v.device)
+        check_scale(fn, "amax", amax, 1, "tensor")
+    Lp = padded_len(L)
+    vt = torch.empty(B, H, hd, Lp, dtype=FP8, device=v.device)
+    scale = torch.empty(1, dtype=torch.float32, device=v.device)
     with on_device(dev):
-        _v_fp8_t_kernel[(triton.cdiv(L, V_BLOCK_L), B * H)](
-            v, vt, scale, L, H, *v.stride()[:3], *vt.stride()[:3], HD=hd, ROUND_FIRST=interpreting(),
+        _v_fp8_t_kernel[(triton.cdiv(Lp, V_BLOCK_L), B * H)](
+            v, vt, amax, scale, L, Lp, H, *v.stride()[:3], *vt.stride()[:3], HD=hd, ROUND_FIRST=interpreting(),
             BLOCK_L=V_BLOCK_L, num_warps=4)
     return vt, scale
 
 
-def v_fp8_transposed_ref(v: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch v_fp8_transposed (the padding columns are zero here, unwritten there: never read)."""
+def v_fp8_transposed_ref(v: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch v_fp8_transposed (the padding columns are zero in both)."""
     B, H, L, hd = v.shape
+    scale = None if amax is None else (amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX).reshape(1)
     v8, scale = quant_tensor(v, scale)
     vt = torch.zeros(B, H, hd, padded_len(L), dtype=FP8, device=v.device)
     vt[..., :L] = v8.transpose(2, 3)

@@ -86,11 +86,12 @@ def _rms_norm(x, w_ptr, d, HD: tl.constexpr, eps, HAS_W: tl.constexpr, W_LOWP: t
 @triton.autotune(configs=pick_configs(QK_CONFIGS, CPU_CONFIGS), key=["L", "HD", "HAS_WQ", "HAS_WK"])
 @triton.jit
 def _qk_norm_kernel(
-    qkv_ptr, wq_ptr, wk_ptr, q_ptr, k_ptr, v_ptr,
+    qkv_ptr, wq_ptr, wk_ptr, q_ptr, k_ptr, v_ptr, vmax_ptr,
     L, heads, offset, stride_row, stride_ob, stride_oh, stride_ol, eps, q_inv, k_inv,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
     WQ_LOWP: tl.constexpr, WQ_DT: tl.constexpr, WK_LOWP: tl.constexpr, WK_DT: tl.constexpr,
-    X_DT: tl.constexpr, O_DT: tl.constexpr, ROUND_FIRST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    X_DT: tl.constexpr, O_DT: tl.constexpr, ROUND_FIRST: tl.constexpr, EVEN_D: tl.constexpr, HAS_VMAX: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     pid_l, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -108,6 +109,8 @@ def _qk_norm_kernel(
     dst = (b.to(tl.int64) * stride_ob + h * stride_oh + (offset + tok).to(tl.int64)[:, None] * stride_ol
            + d[None, :])
     tl.store(v_ptr + dst, xv.to(v_ptr.dtype.element_ty), mask=mask)
+    if HAS_VMAX:  # max |v| for fp8_attention's per-tensor V scale: one atomic per program (masked lanes hold 0)
+        tl.atomic_max(vmax_ptr, tl.max(tl.abs(xv.to(tl.float32))), sem="relaxed")
     yq = _rms_norm(xq, wq_ptr, d, HD, eps, HAS_WQ, WQ_LOWP, WQ_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
     yk = _rms_norm(xk, wk_ptr, d, HD, eps, HAS_WK, WK_LOWP, WK_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
     if O_DT == tl.float8e4nv:  # E4M3 q / k for fp8_attention: x / scale, clamped, cast (scale = 1 / inv)
@@ -152,14 +155,17 @@ def _check(fn: str, qkv, B: int, L: int, heads: int, hd: int, wq, wk, q, k, v, o
 
 def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: torch.Tensor | None,
                   wk: torch.Tensor | None, eps: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  offset: int, q_scale: float = 1.0, k_scale: float = 1.0) -> None:
+                  offset: int, q_scale: float = 1.0, k_scale: float = 1.0, v_amax: torch.Tensor | None = None) -> None:
     """Write RMSNorm(q_h) * wq, RMSNorm(k_h) * wk and v_h of qkv [B*L, 3*heads*hd] into q, k, v [B, heads, Ltot, hd]
     at sequence positions offset .. offset+L. wq / wk: RMSNorm weights [hd], or None (no norm). q and k may be
     float8_e4m3fn buffers (v stays in the model dtype): then q / q_scale and k / k_scale are stored, clamped to
-    +-448 (fp8_attention's per-tensor dequant scales; static ones come from qk_fp8_scale)."""
+    +-448 (fp8_attention's per-tensor dequant scales; static ones come from fast.qk_fp8_scale). v_amax: an fp32 [1]
+    tensor that is raised to max |v| of what is written (the caller zeroes it once for all streams)."""
     fn = "qk_norm_split"
     _check(fn, qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
-    dev = check_device(fn, qkv, wq, wk, q, k, v, fp8=False)
+    if v_amax is not None and (v_amax.dtype != torch.float32 or v_amax.numel() != 1):
+        raise InputError(f"{fn}: v_amax must be a 1-element fp32 tensor, got {v_amax.dtype} {tuple(v_amax.shape)}")
+    dev = check_device(fn, qkv, wq, wk, q, k, v, v_amax, fp8=False)
     if q.dtype != k.dtype:
         raise InputError(f"{fn}: q is {q.dtype} but k is {k.dtype}; the buffers share one dtype")
     x_dt = TL_DTYPES[qkv.dtype]
@@ -176,11 +182,12 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
     with on_device(dev):
         _qk_norm_kernel[grid](
             qkv, wq if wq is not None else qkv, wk if wk is not None else qkv, q, k, v,
+            v_amax if v_amax is not None else qkv,
             L, heads, offset, qkv.stride(0), q.stride(0), q.stride(1), q.stride(2), float(eps), 1.0 / q_scale,
             1.0 / k_scale,
             HD=hd, BLOCK_D=next_pow2(hd), HAS_WQ=wq is not None, HAS_WK=wk is not None,
             WQ_LOWP=wq_lowp, WQ_DT=wq_dt, WK_LOWP=wk_lowp, WK_DT=wk_dt, X_DT=x_dt, O_DT=o_dt,
-            ROUND_FIRST=interpreting(), EVEN_D=next_pow2(hd) == hd,
+            ROUND_FIRST=interpreting(), EVEN_D=next_pow2(hd) == hd, HAS_VMAX=v_amax is not None,
             enable_fp_fusion=False,  # torch's separate roundings: no fma of x*x into the sum or of y*w
         )
 
@@ -198,8 +205,9 @@ def rms_norm_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.T
 
 def qk_norm_split_ref(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: torch.Tensor | None,
                       wk: torch.Tensor | None, eps: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      offset: int, q_scale: float = 1.0, k_scale: float = 1.0) -> None:
-    """Plain torch, the logic of fast.qk_norm_split's fallback: the same writes into q, k, v."""
+                      offset: int, q_scale: float = 1.0, k_scale: float = 1.0,
+                      v_amax: torch.Tensor | None = None) -> None:
+    """Plain torch, the logic of fast.qk_norm_split's fallback: the same writes into q, k, v (and v_amax)."""
     _check("qk_norm_split_ref", qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
     qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
     for buf, x, w, scale in ((q, qh, wq, q_scale), (k, kh, wk, k_scale)):
@@ -208,6 +216,8 @@ def qk_norm_split_ref(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq
             y = (y.float() * (1.0 / scale)).clamp(-448.0, 448.0)
         buf[:, :, offset : offset + L] = y
     v[:, :, offset : offset + L] = vh
+    if v_amax is not None:
+        torch.maximum(v_amax, vh.abs().amax().float().reshape(1), out=v_amax)
 
 
 if __name__ == "__main__":

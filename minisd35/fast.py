@@ -81,15 +81,17 @@ def gelu_quant(h: torch.Tensor):
 
 
 def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, ln_k, q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, offset: int, q_scale: float = 1.0, k_scale: float = 1.0) -> None:
+                  k: torch.Tensor, v: torch.Tensor, offset: int, q_scale: float = 1.0, k_scale: float = 1.0,
+                  v_amax: torch.Tensor | None = None) -> None:
     """qkv [B*L, 3*H*hd] -> q, k (RMS-normalised per head) and v written into the attention buffers [B, H, Ltot,
     hd] at sequence positions offset..offset+L. One pass on CUDA; the reference does what mmdit.Attention does.
-    E4M3 q / k buffers receive q / q_scale and k / k_scale, clamped to +-448."""
+    E4M3 q / k buffers receive q / q_scale and k / k_scale, clamped to +-448; v_amax (fp32 [1]) is raised to max
+    |v| of this stream."""
     if _triton_ok(qkv):  # SD3 Medium has no QK-norm (Identity): the kernel then only splits
         from kernels.qk_norm import qk_norm_split as kern
 
         return kern(qkv, B, L, heads, hd, getattr(ln_q, "weight", None), getattr(ln_k, "weight", None),
-                    getattr(ln_q, "eps", 1e-6), q, k, v, offset, q_scale, k_scale)
+                    getattr(ln_q, "eps", 1e-6), q, k, v, offset, q_scale, k_scale, v_amax)
     qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
     for buf, norm, x, scale in ((q, ln_q, qh, q_scale), (k, ln_k, kh, k_scale)):
         y = norm(x)
@@ -97,6 +99,8 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, 
             y = (y.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX)
         buf[:, :, offset : offset + L] = y
     v[:, :, offset : offset + L] = vh
+    if v_amax is not None:
+        torch.maximum(v_amax, vh.abs().amax().float().reshape(1), out=v_amax)
 
 
 def gated_residual(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, rows: int) -> torch.Tensor:
@@ -144,17 +148,21 @@ def qk_fp8_scale(norm: nn.Module) -> float | None:
 
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
-                  k_scale: torch.Tensor) -> torch.Tensor:
+                  k_scale: torch.Tensor, v_amax: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over E4M3 q8, k8 [B, H, L, hd] (dequant scales q_scale, k_scale: fp32 [1]) and v in the model
-    dtype, which is quantised here per tensor (dynamic amax). CUDA: kernels/fp8_attention.py, Q K^T and P V on
-    FP8 tensor cores. Elsewhere: the same operands dequantised, exact softmax in fp32 (fp8_attention.attention_ref's
-    semantics; the kernel also rounds P to E4M3, which the tests bound)."""
+    dtype, which is quantised here per tensor (scale = amax / 448; v_amax: max |v| if known, fp32 [1]). CUDA:
+    kernels/fp8_attention.py, Q K^T and P V on FP8 tensor cores. Elsewhere: the same operands dequantised, exact
+    softmax in fp32 (fp8_attention.attention_ref's semantics; the kernel also rounds P to E4M3, which the tests
+    bound)."""
     if _triton_ok(q8):
         from kernels.fp8_attention import attention, v_fp8_transposed
 
-        vt, v_scale = v_fp8_transposed(v)
+        vt, v_scale = v_fp8_transposed(v, v_amax)
         return attention(q8, k8, vt, q_scale, k_scale, v_scale, v_transposed=True)
-    v8, v_scale = quantize_act(v, per_token=False)
+    if v_amax is None:
+        v8, v_scale = quantize_act(v, per_token=False)
+    else:
+        v8, v_scale = quantize_act(v, per_token=False, scale=v_amax.clamp_min(SCALE_FLOOR) / E4M3_MAX)
     qf, kf, vf = q8.float() * q_scale, k8.float() * k_scale, v8.float() * v_scale
     return F.scaled_dot_product_attention(qf, kf, vf).to(v.dtype)
 
@@ -322,17 +330,17 @@ class FastMMDiT(nn.Module):
                 self.qk_scales[key] = (sq, sk, torch.tensor([sq], device=dev), torch.tensor([sk], device=dev))
         return self.qk_scales[key]
 
-    def attend(self, q, k, v, scales=None, name: str = "", modules: tuple = ()):
-        """Attention over the joint buffers; scales: fp8_scales() when q and k are E4M3. name / modules (the
-        attention modules whose q, k, v these are) go to the probe."""
-        out = self._attend(q, k, v, scales)
+    def attend(self, q, k, v, scales=None, name: str = "", modules: tuple = (), v_amax=None):
+        """Attention over the joint buffers; scales: fp8_scales() when q and k are E4M3 (v_amax: max |v|, gathered
+        by qk_norm_split). name / modules (the attention modules whose q, k, v these are) go to the probe."""
+        out = self._attend(q, k, v, scales, v_amax)
         if self.probe is not None:
             self.probe(name, modules, q, k, v, out)
         return out
 
-    def _attend(self, q, k, v, scales):
+    def _attend(self, q, k, v, scales, v_amax):
         if scales is not None:
-            return fp8_attention(q, k, v, scales[2], scales[3])
+            return fp8_attention(q, k, v, scales[2], scales[3], v_amax)
         backend = self.attention_backend
         if backend in ("triton", "fp8") and _triton_ok(q):
             from kernels.fp8_attention import attention
@@ -368,9 +376,10 @@ class FastMMDiT(nn.Module):
         Ltot = Li + Lt
         sc = self.fp8_scales(xb.attn, cb.attn)
         q, k, v = self.buffers(B, H, Ltot, hd, x, sc)
-        self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0, sc)
-        self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li, sc)
-        out = self.attend(q, k, v, sc, f"joint_blocks.{i}", (xb.attn, cb.attn))
+        vmax = None if sc is None else torch.zeros(1, dtype=torch.float32, device=x.device)
+        self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0, sc, vmax)
+        self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li, sc, vmax)
+        out = self.attend(q, k, v, sc, f"joint_blocks.{i}", (xb.attn, cb.attn), vmax)
         out = out.transpose(1, 2)  # [B, Ltot, H, hd], a view: each stream's slice goes to its proj
         x_in = x
         x = self.lin(xb.attn.proj)(out[:, :Li], gate=gate_msa, residual=x, rows=Li)
@@ -379,8 +388,10 @@ class FastMMDiT(nn.Module):
             shift2, scale2, gate2 = xm[6:]
             sc2 = self.fp8_scales(xb.attn2)
             q2, k2, v2 = self.buffers(B, H, Li, hd, x, sc2)
-            self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0, sc2)
-            o2 = self.attend(q2, k2, v2, sc2, f"joint_blocks.{i}.x_block.attn2", (xb.attn2,)).transpose(1, 2)
+            vmax2 = None if sc2 is None else torch.zeros(1, dtype=torch.float32, device=x.device)
+            self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0, sc2, vmax2)
+            o2 = self.attend(q2, k2, v2, sc2, f"joint_blocks.{i}.x_block.attn2", (xb.attn2,), vmax2)
+            o2 = o2.transpose(1, 2)
             x = self.lin(xb.attn2.proj)(o2, gate=gate2, residual=x, rows=Li)
 
         x = self.mlp(xb, x, shift_mlp, scale_mlp, gate_mlp, Li)
@@ -390,9 +401,9 @@ class FastMMDiT(nn.Module):
         e = self.mlp(cb, e, em[3], em[4], em[5], Lt)
         return e, x
 
-    def qkv(self, attn, inp, shift, scale, rows, q, k, v, offset, scales=None):
+    def qkv(self, attn, inp, shift, scale, rows, q, k, v, offset, scales=None, v_amax=None):
         """LN + modulate (+ quantise) -> qkv GEMM -> q/k norm, split into the attention buffers (E4M3 q / k with
-        the static scales of fp8_scales())."""
+        the static scales of fp8_scales(); v_amax gathers max |v|)."""
         lin = self.lin(attn.qkv)
         if lin.takes_fp8():
             a8, asc = ln_mod_quant(inp, shift, scale, rows)
@@ -401,7 +412,7 @@ class FastMMDiT(nn.Module):
             out = lin(ln_mod(inp, shift, scale, rows))
         B = shift.shape[0]
         sq, sk = scales[:2] if scales is not None else (1.0, 1.0)
-        qk_norm_split(out, B, rows, attn.heads, attn.head_dim, attn.ln_q, attn.ln_k, q, k, v, offset, sq, sk)
+        qk_norm_split(out, B, rows, attn.heads, attn.head_dim, attn.ln_q, attn.ln_k, q, k, v, offset, sq, sk, v_amax)
 
     def mlp(self, sb, x, shift, scale, gate, rows):
         fc1, fc2 = self.lin(sb.mlp.fc1), self.lin(sb.mlp.fc2)

@@ -312,10 +312,10 @@ def test_fp8_gemm_variant_arguments():
 
 _AOT_SCRIPT = r'''
 qk_sig = {"qkv_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
-          "v_ptr": "*bf16", "L": "i32", "heads": "i32", "offset": "i32", "stride_row": "i32", "stride_ob": "i32",
-          "stride_oh": "i32", "stride_ol": "i32", "eps": "fp32", "q_inv": "fp32", "k_inv": "fp32"}
+          "vmax_ptr": "*fp32", "v_ptr": "*bf16", "L": "i32", "heads": "i32", "offset": "i32", "stride_row": "i32",
+          "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32", "eps": "fp32", "q_inv": "fp32", "k_inv": "fp32"}
 qk = dict(HD=64, BLOCK_D=64, WQ_DT=tl.bfloat16, WK_DT=tl.bfloat16, X_DT=tl.bfloat16, O_DT=tl.bfloat16,
-          ROUND_FIRST=False, EVEN_D=True)
+          ROUND_FIRST=False, EVEN_D=True, HAS_VMAX=False)
 for cfg in qk_norm.QK_CONFIGS[:2]:
     build(f"qk_norm bf16 weights {cfg.kwargs}", qk_norm._qk_norm_kernel, qk_sig,
           dict(qk, HAS_WQ=True, HAS_WK=True, WQ_LOWP=True, WK_LOWP=True), cfg=cfg, enable_fp_fusion=False)
@@ -325,8 +325,8 @@ build("qk_norm fp32 weights", qk_norm._qk_norm_kernel, {**qk_sig, "wq_ptr": "*fp
 build("qk_norm no weights", qk_norm._qk_norm_kernel, qk_sig, dict(qk, HAS_WQ=False, HAS_WK=False, WQ_LOWP=False,
       WK_LOWP=False, BLOCK_L=32), warps=4, enable_fp_fusion=False)
 build("qk_norm e4m3 q/k", qk_norm._qk_norm_kernel, {**qk_sig, "q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv"},
-      dict(qk, HAS_WQ=True, HAS_WK=True, WQ_LOWP=True, WK_LOWP=True, O_DT=tl.float8e4nv, BLOCK_L=32), warps=4,
-      enable_fp_fusion=False)
+      dict(qk, HAS_WQ=True, HAS_WK=True, WQ_LOWP=True, WK_LOWP=True, O_DT=tl.float8e4nv, HAS_VMAX=True, BLOCK_L=32),
+      warps=4, enable_fp_fusion=False)
 
 g_sig = {"h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "M": "i32", "N": "i32", "stride_hm": "i32"}
 for cfg in gelu_quant.GELU_CONFIGS[:3]:
