@@ -409,6 +409,8 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
                 for att in attention:
                     run(f"minisd35 fp8 {pol} attn-{att}", accelerate(q, attention=att), qb)
                 if "fp8" in attention:
+                    run(f"minisd35 fp8 {pol} attn-fp8 fast-accum", accelerate(q, attention="fp8", fast_accum=True), qb)
+                if "fp8" in attention:
                     from .audit import attention_audit
 
                     res["attention_audit"] = attention_audit(q, inputs)
