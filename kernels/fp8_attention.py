@@ -73,7 +73,6 @@ from kernels._common import (
 )
 from minisd35.errors import HardwareError, InputError
 
-LOG2E = 1.4426950408889634
 P_SHIFT = 8.0  # p = exp2(s - m + 8) in [0, 256] for the FP8 P @ V product (see the docstring)
 VARIANTS = ("auto", "ptr", "tma", "ws")
 
@@ -167,6 +166,19 @@ def _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, MASK: tl.constexpr, PV_FP
 
 
 @triton.jit
+def _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES: tl.constexpr):
+    """This program's query tile (rows past L read as 0) and the two scalars: the logits' multiplier (softmax
+    scale, log2(e) for exp2, and the q / k dequant scales) and the output's (v's dequant scale)."""
+    q = tl.load(q_ptr + offs_m[:, None] * stride_ql + d[None, :], mask=(offs_m < L)[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+    v_scale = 1.0
+    if HAS_SCALES:
+        qk_scale *= tl.load(qs_ptr) * tl.load(ks_ptr)
+        v_scale = tl.load(vs_ptr)
+    return q, qk_scale, v_scale
+
+
+@triton.jit
 def _store(acc, l_i, o_ptr, offs_m, d, L, stride_ol, v_scale):
     out = acc * (v_scale / l_i)[:, None]
     tl.store(o_ptr + offs_m[:, None] * stride_ol + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -190,12 +202,7 @@ def _attn_ptr_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
     n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + offs_m[:, None] * stride_ql + d[None, :], mask=(offs_m < L)[:, None], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
-    v_scale = 1.0
-    if HAS_SCALES:
-        qk_scale *= tl.load(qs_ptr) * tl.load(ks_ptr)
-        v_scale = tl.load(vs_ptr)
+    q, qk_scale, v_scale = _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -233,12 +240,7 @@ def _attn_tma_kernel(
     o_ptr += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
-    q = tl.load(q_ptr + offs_m[:, None] * stride_ql + d[None, :], mask=(offs_m < L)[:, None], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
-    v_scale = 1.0
-    if HAS_SCALES:
-        qk_scale *= tl.load(qs_ptr) * tl.load(ks_ptr)
-        v_scale = tl.load(vs_ptr)
+    q, qk_scale, v_scale = _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES)
     row0 = bh * L  # this head's first key row in the flattened [B * H * L, hd] view
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
