@@ -33,16 +33,9 @@ SHAPES = {"large_1024": (2, 38, 4429, 64), "medium_1024": (2, 24, 4429, 64), "me
           "large_512": (2, 38, 1357, 64)}
 
 
-def ref_fp32(q, k, v, args=None):
+def ref_fp32(q, k, v):
     """fp32 softmax attention, one batch row at a time ([H, L, L] fp32 scores: 3 GB at Large 1024)."""
-    outs = []
-    for b in range(q.shape[0]):
-        if args is None:
-            outs.append(A.attention_ref(q[b : b + 1], k[b : b + 1], v[b : b + 1]))
-        else:
-            q8, k8, v8, qs, ks, vs, vt = args
-            outs.append(A.attention_ref(q8[b : b + 1], k8[b : b + 1], v8[b : b + 1], qs, ks, vs, v_transposed=vt))
-    return torch.cat(outs)
+    return torch.cat([A.attention_ref(q[b : b + 1], k[b : b + 1], v[b : b + 1]) for b in range(q.shape[0])])
 
 
 def sdpa(backend):

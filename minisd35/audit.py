@@ -809,18 +809,18 @@ def attention_audit(model: nn.Module, inputs: tuple, out_dir: str | Path | None 
     the bound is reached only by a one-hot row) and the share of q and k codes that fall below E4M3's normal range.
     For the whole step ("propagated"): the step output with attention="fp8" against the same model with SDPA.
     Writes attention.json and attention.png (errors per layer) into out_dir when given."""
-    from .fast import FastMMDiT, fp8_attention, qk_fp8_scale
+    from .fast import FastMMDiT, fp8_attention
 
     rows = []
+    fast8 = FastMMDiT(model, attention="fp8", fuse_adaln=False)  # its static q / k scales, and the propagated run
 
     def probe(name, modules, q, k, v, out):
-        sq = [qk_fp8_scale(m.ln_q) for m in modules]
-        sk = [qk_fp8_scale(m.ln_k) for m in modules]
         row = {"layer": name, "L": q.shape[2]}
-        if None in sq or None in sk:
+        scales = fast8.fp8_scales(*modules)
+        if scales is None:
             rows.append({**row, "fp8": False})  # no QK norm: fast.py keeps this layer's Q K^T in bf16
             return
-        sq_t, sk_t = (torch.tensor([max(s)], device=q.device) for s in (sq, sk))
+        sq_t, sk_t = scales[2:]
         q8, _ = quantize_act(q, per_token=False, scale=sq_t)
         k8, _ = quantize_act(k, per_token=False, scale=sk_t)
         o8 = fp8_attention(q8, k8, v, sq_t, sk_t)
@@ -837,7 +837,7 @@ def attention_audit(model: nn.Module, inputs: tuple, out_dir: str | Path | None 
         ref = FastMMDiT(model, fuse_adaln=False)
         ref.probe = probe
         want = ref(*inputs)
-        got = FastMMDiT(model, attention="fp8", fuse_adaln=False)(*inputs)
+        got = fast8(*inputs)
     res = {"layers": rows, "step_rel_rms": rel_rms(got, want),
            "max_layer_rel_rms": max((r["rel_rms"] for r in rows if r["fp8"]), default=None)}
     if out_dir is not None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import E4M3, E4M3_MAX, SCALE_FLOOR, FP8Linear, quantize_act, resolve_impl, scaled_mm
+from .fp8 import E4M3, E4M3_MAX, SCALE_FLOOR, FP8Linear, amax_scale, quantize_act, resolve_impl, scaled_mm, to_e4m3
 from .mmdit import MMDiT, layer_norm, modulate, timestep_embedding
 
 # --- small fused ops, each with a plain-torch fallback ---------------------------------------------------------------
@@ -95,9 +95,7 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, 
     qh, kh, vh = qkv.view(B, L, 3, heads, hd).permute(2, 0, 3, 1, 4)
     for buf, norm, x, scale in ((q, ln_q, qh, q_scale), (k, ln_k, kh, k_scale)):
         y = norm(x)
-        if buf.dtype == E4M3:  # as the kernel: x * (1 / scale), clamped, cast
-            y = (y.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX)
-        buf[:, :, offset : offset + L] = y
+        buf[:, :, offset : offset + L] = to_e4m3(y, 1.0 / scale) if buf.dtype == E4M3 else y  # as the kernel
     v[:, :, offset : offset + L] = vh
     if v_amax is not None:
         torch.maximum(v_amax, vh.abs().amax().float().reshape(1), out=v_amax)
@@ -159,10 +157,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: 
 
         vt, v_scale = v_fp8_transposed(v, v_amax)
         return attention(q8, k8, vt, q_scale, k_scale, v_scale, v_transposed=True)
-    if v_amax is None:
-        v8, v_scale = quantize_act(v, per_token=False)
-    else:
-        v8, v_scale = quantize_act(v, per_token=False, scale=v_amax.clamp_min(SCALE_FLOOR) / E4M3_MAX)
+    v8, v_scale = quantize_act(v, per_token=False, scale=None if v_amax is None else amax_scale(v_amax))
     qf, kf, vf = q8.float() * q_scale, k8.float() * k_scale, v8.float() * v_scale
     return F.scaled_dot_product_attention(qf, kf, vf).to(v.dtype)
 
