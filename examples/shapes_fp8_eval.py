@@ -5,6 +5,7 @@ accumulation order).
 
     python examples/shapes_fp8_eval.py                          # all held-out test prompts, default policies
     python examples/shapes_fp8_eval.py --prompts 50 --out /tmp/fp8
+    python examples/shapes_fp8_eval.py --policies default,default+fp8attn,bf16+fp8attn   # FP8 attention too
 
 For each precision (fp32, and each FP8 policy; bf16 is the reference) the same prompts are drawn from the same seeds
 and compared with the bf16 pictures:
@@ -43,15 +44,20 @@ from minisd35 import shapes as S  # noqa: E402
 from minisd35.pipeline import load_pipeline  # noqa: E402
 
 POLICIES = ("default", "row", "tensor", "weight-only")
+FP8_ATTENTION = "fp8attn"  # the suffix: POLICY+fp8attn (or bf16+fp8attn) runs attention in E4M3 too
 AMPLIFY = 8
 
 
 def run(model: Path, precision: str, prompts: list[str], seeds: list[int], device: str, steps: int | None,
         guidance: float | None) -> tuple[list[Image.Image], dict]:
-    """Pictures for one precision: 'bf16', 'fp32' or an FP8 policy (bf16 activations around the FP8 layers)."""
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    fp8 = None if precision in ("bf16", "fp32") else precision
-    pipe = load_pipeline(model, dtype=dtype, device=device, fp8=fp8)
+    """Pictures for one precision: 'bf16', 'fp32' or an FP8 policy (bf16 activations around the FP8 layers), each
+    optionally with '+fp8attn': attention in E4M3 as well (load_pipeline(attention="fp8"))."""
+    base, _, extra = precision.partition("+")
+    if extra not in ("", FP8_ATTENTION):
+        raise SystemExit(f"error: {precision!r}: the only suffix is +{FP8_ATTENTION}")
+    dtype = torch.float32 if base == "fp32" else torch.bfloat16
+    fp8 = None if base in ("bf16", "fp32") else base
+    pipe = load_pipeline(model, dtype=dtype, device=device, fp8=fp8, attention="fp8" if extra else "auto")
     t0 = time.perf_counter()
     images = S.generate(pipe, prompts, seeds, steps=steps, guidance=guidance)
     meta = {"seconds": round(time.perf_counter() - t0, 1), "steps": steps or pipe.defaults.steps,
@@ -117,7 +123,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "weights" / "shapes")
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated FP8 policies (or .json files)")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help=f"comma-separated FP8 policies (or .json files); NAME+{FP8_ATTENTION} adds FP8 attention")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 noise-floor run")
     ap.add_argument("--split", default="test", choices=["test", "val", "novel"])
     ap.add_argument("--prompts", type=int, help="use the first N prompts of the split (default: all)")

@@ -150,8 +150,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: 
     """Attention over E4M3 q8, k8 [B, H, L, hd] (dequant scales q_scale, k_scale: fp32 [1]) and v in the model
     dtype, which is quantised here per tensor (scale = amax / 448; v_amax: max |v| if known, fp32 [1]). CUDA:
     kernels/fp8_attention.py, Q K^T and P V on FP8 tensor cores. Elsewhere: the same operands dequantised, exact
-    softmax in fp32 (fp8_attention.attention_ref's semantics; the kernel also rounds P to E4M3, which the tests
-    bound)."""
+    softmax in fp32 with P rounded to E4M3 as the kernel rounds it (fp8_softmax_pv)."""
     if _triton_ok(q8):
         from kernels.fp8_attention import attention, v_fp8_transposed
 
@@ -159,7 +158,18 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: 
         return attention(q8, k8, vt, q_scale, k_scale, v_scale, v_transposed=True)
     v8, v_scale = quantize_act(v, per_token=False, scale=None if v_amax is None else amax_scale(v_amax))
     qf, kf, vf = q8.float() * q_scale, k8.float() * k_scale, v8.float() * v_scale
-    return F.scaled_dot_product_attention(qf, kf, vf).to(v.dtype)
+    return fp8_softmax_pv(qf, kf, vf).to(v.dtype)
+
+
+def fp8_softmax_pv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v in fp32 with P rounded to E4M3 the way the kernel rounds it, so that the CPU
+    draws what the GPU draws: P = exp2(s - max + 8) in (0, 256] (the kernel's P_SHIFT: probabilities down to 2^-17
+    keep a code), rounded, multiplied by v, divided by the sum of the unrounded P. The kernel takes the max over the
+    keys seen so far, not the whole row; the rounding is relative, so that changes only codes below 2^-9 of the
+    max. q, k, v: fp32 [B, H, L, hd] (already dequantised)."""
+    s = (q @ k.transpose(-1, -2)) * (math.log2(math.e) / math.sqrt(q.shape[-1]))
+    p = torch.exp2(s - s.amax(-1, keepdim=True) + 8.0)
+    return (p.to(E4M3).float() @ v) / p.sum(-1, keepdim=True)
 
 
 def rows2d(x: torch.Tensor) -> torch.Tensor:

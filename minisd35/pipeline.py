@@ -132,7 +132,8 @@ def check_args(height: int | None, width: int | None, steps: int | None, guidanc
 class Pipeline:
     def __init__(self, mmdit: MMDiT, text_loader, vae_loader, *, preset: Preset, device: torch.device,
                  dtype: torch.dtype, low_vram: bool = False, text_encoders: str = "offload", policy: str = "bf16",
-                 source: str = "", fast: bool | None = None, streamed: bool = False):
+                 source: str = "", fast: bool | None = None, streamed: bool = False, attention: str = "auto",
+                 fast_accum: bool = False):
         if text_encoders not in ("offload", "release", "keep"):
             raise InputError(f"text_encoders must be 'offload', 'release' or 'keep', not {text_encoders!r}")
         self.mmdit, self.preset, self.device, self.dtype = mmdit, preset, device, dtype
@@ -143,8 +144,13 @@ class Pipeline:
         self.timings = Timings()
         # The fused forward (fast.py) on CUDA unless asked otherwise; the plain model is its reference. CUDA graphs
         # need the model to stay put, so low_vram (which moves it) runs the fused forward without graphs.
+        # attention / fast_accum are options of the fused forward: asking for one asks for it.
+        tuned = attention != "auto" or fast_accum
         if fast is None:
-            fast = device.type == "cuda"
+            fast = device.type == "cuda" or tuned
+        if tuned and not (fast or streamed):
+            raise InputError(f"attention={attention!r} / fast_accum={fast_accum} are options of the fused forward; "
+                             f"they need fast=True (or streamed=True)")
         if device.type == "cuda":  # W8A8 layers on a GPU without FP8 tensor cores become weight-only, with one message
             from .fp8 import weight_only_fallback
 
@@ -155,11 +161,13 @@ class Pipeline:
         if streamed:  # the joint blocks visit the GPU one at a time during each step (streaming.BlockStreamer)
             from .fast import stream
 
-            self.denoiser = stream(mmdit, device)
+            self.denoiser = stream(mmdit, device, attention=attention, fast_accum=fast_accum)
         elif fast:
             from .fast import accelerate
 
-            self.denoiser = accelerate(mmdit, graphs=device.type == "cuda" and not low_vram, fuse_adaln=not low_vram)
+            self.denoiser = accelerate(mmdit, graphs=device.type == "cuda" and not low_vram, fuse_adaln=not low_vram,
+                                       attention=attention, fast_accum=fast_accum)
+        self.attention, self.fast_accum = attention, fast_accum
         if low_vram and not streamed and device.type == "cuda":
             # the MMDiT waits pinned on the CPU and visits the GPU for the denoising loop only
             self._mmdit_parked = Parked(mmdit, device)
@@ -350,7 +358,9 @@ class Pipeline:
         return {"model": self.preset.name, "precision": self.policy, "steps": kw.get("steps") or d.steps,
                 "guidance": d.guidance if kw.get("guidance") is None else kw["guidance"],
                 "height": kw.get("height") or d.height, "width": kw.get("width") or d.width,
-                "sampler": kw.get("sampler") or d.sampler, "shift": d.shift}
+                "sampler": kw.get("sampler") or d.sampler, "shift": d.shift,
+                **({"attention": self.attention} if self.attention != "auto" else {}),
+                **({"accumulation": "fast"} if self.fast_accum else {})}
 
 
 def _from_pil(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -398,14 +408,20 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
                   t5: bool = True, fp8: str | None = None, preset: str | None = None,
                   text_encoders: str | Path | None = None, vae: str | Path | None = None, low_vram: bool = False,
                   fp8_text: str | None = None, fp8_impl: str | None = None, t5_tokens: int | None = None,
-                  keep_text: str = "offload", fast: bool | None = None, streamed: bool = False) -> Pipeline:
+                  keep_text: str = "offload", fast: bool | None = None, streamed: bool = False,
+                  attention: str = "auto", fast_accum: bool = False) -> Pipeline:
     """Load everything needed for text-to-image. `fp8` names an FP8 policy for the MMDiT ('default', 'row', 'tensor',
     'weight-only' or a policy .json); it is applied while the weights are read, so the bf16 weights are never all in
     memory. `fp8_text` quantises T5 ('t5-w8'). `preset` forces the sampler defaults of a variant and checks the
     MMDiT against it; otherwise the variant is detected from the weights (and 'turbo' in the path picks Large Turbo).
     `fast` (default: on CUDA) runs the fused forward of fast.py, captured as CUDA graphs. `low_vram` keeps one
     component on the GPU at a time; `streamed` (implies low_vram) goes further: during each step the MMDiT's joint
-    blocks visit the GPU one at a time from pinned CPU memory (streaming.py), for GPUs smaller than the MMDiT."""
+    blocks visit the GPU one at a time from pinned CPU memory (streaming.py), for GPUs smaller than the MMDiT.
+    Two speed options of the fused forward, off by default because they trade accuracy: `attention="fp8"` runs
+    attention with E4M3 Q, K, P and V (kernels/fp8_attention.py; layers without QK norm stay bf16; other values:
+    fast.ATTENTION), `fast_accum=True` lets the FP8 GEMMs accumulate in the tensor cores' ~13-bit accumulator
+    without promotion (kernels/fp8_gemm.py's docstring). Either one turns `fast` on, also on the CPU, where FP8
+    attention runs its torch emulation (fast.fp8_softmax_pv)."""
     from .fp8 import get_policy
     from .text import load_text_encoders
     from .vae import load_vae
@@ -419,6 +435,10 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
     for p in (fp8, fp8_text):  # an unknown policy name fails now, not after minutes of loading
         if isinstance(p, str):
             get_policy(p)
+    from .fast import ATTENTION
+
+    if attention not in ATTENTION:
+        raise InputError(f"attention={attention!r}; expected one of {ATTENTION}")
     where = _resolve(path)
     # low_vram: the MMDiT waits on the CPU between uses. With an FP8 policy it is still quantised on the GPU as it
     # is read (one layer in bf16 at a time, far faster than on the CPU), then parked on the CPU.
@@ -458,7 +478,8 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
 
     policy = fp8 if isinstance(fp8, str) else ("file" if any(True for _ in _fp8_layers(mmdit)) else "bf16")
     return Pipeline(mmdit, text_loader, vae_loader, preset=pre, device=device, dtype=dtype, low_vram=low_vram,
-                    text_encoders=keep_text, policy=policy or "bf16", source=str(path), fast=fast, streamed=streamed)
+                    text_encoders=keep_text, policy=policy or "bf16", source=str(path), fast=fast, streamed=streamed,
+                    attention=attention, fast_accum=fast_accum)
 
 
 def _fp8_layers(model):

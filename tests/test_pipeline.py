@@ -189,3 +189,25 @@ def test_parked_text_encoders(root):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     te.release()
     assert not te.parked
+
+
+def test_speed_options_reach_the_fused_forward(root, ours):
+    """load_pipeline(attention="fp8", fast_accum=True): the options land on the fused forward (on the CPU too, where
+    FP8 attention runs its emulation), the settings record them, and FP8 attention moves the final latents by about
+    what E4M3 q, k, P, v cost: more than fp32 rounding, a few percent at most. Asking for them without the fused
+    forward, or for an unknown backend, is an error."""
+    from minisd35.errors import InputError
+
+    kw = dict(prompt="a red cube", seed=3, steps=3, guidance=4.0, height=64, width=48)
+    pipe = load_pipeline(root, dtype=torch.float32, device="cpu", attention="fp8", fast_accum=True)
+    den = pipe.denoiser
+    assert (den.attention_backend, den.fast_accum) == ("fp8", True)
+    settings = pipe.describe(**kw)
+    assert settings["attention"] == "fp8" and settings["accumulation"] == "fast"
+    assert "attention" not in ours.describe(**kw)
+    err = rel_rms(run_ours(pipe, **kw), run_ours(ours, **kw))
+    assert 1e-3 < err < 5e-2
+    with pytest.raises(InputError, match="fast=True"):
+        load_pipeline(root, dtype=torch.float32, device="cpu", attention="fp8", fast=False)
+    with pytest.raises(InputError, match="expected one of"):
+        load_pipeline(root, dtype=torch.float32, device="cpu", attention="fp4")
