@@ -15,6 +15,7 @@ the error numbers show the mechanics of FP8, not real-image quality.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -279,6 +280,40 @@ def sustained(fn: Callable[[], object], seconds: float, nv: NVML) -> dict:
             "avg_power_w": None if e0 is None or e1 is None else (e1 - e0) / dt}
 
 
+def fast_options(config: str) -> tuple[dict, dict]:
+    """'attn-fp8+fast-accum+exp-fma4' -> (accelerate() keywords, environment variables)."""
+    kw, env = {}, {}
+    for opt in config.split("+"):
+        if opt == "fast-accum":
+            kw["fast_accum"] = True
+        elif opt == "triton-gemm":
+            kw["gemm"] = "triton"
+        elif opt.startswith("attn-"):
+            kw["attention"] = opt.removeprefix("attn-")
+        elif opt.startswith("exp-fma") and opt[7:].isdigit():
+            env["MINISD35_ATTN_EXP_FMA"] = opt[7:]
+        else:
+            from .errors import InputError
+
+            raise InputError(f"bench config {config!r}: unknown option {opt!r} (fast-accum, triton-gemm, attn-MODE, "
+                             f"exp-fmaN)")
+    return kw, env
+
+
+@contextlib.contextmanager
+def environ(env: dict):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="GPU benchmark: minisd35 bf16/FP8 vs diffusers (+torchao), one step and one image")
     b.add_argument("--variant", default="sd3.5-large", choices=["sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny"])
@@ -288,6 +323,8 @@ def add_parser(sub) -> None:
     b.add_argument("--attention", default="triton,fp8",
                    help="fast.py attention modes to time besides SDPA (bf16 model: all but fp8; first FP8 policy: "
                         "all; with fp8 also the per-layer FP8 attention audit)")
+    b.add_argument("--configs", help="comma list of fast-path options for the first FP8 policy, each '+'-joined "
+                   "from fast-accum, triton-gemm, attn-MODE, exp-fmaN (default: see run_bench)")
     b.add_argument("--peers", default="diffusers,torchao", help="comma list; '' for none")
     b.add_argument("--compile", action="store_true", help="also torch.compile the torchao model (minutes)")
     b.add_argument("--plain", action="store_true", help="also time the plain (unfused) minisd35 forward")
@@ -302,8 +339,11 @@ def add_parser(sub) -> None:
 def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, policies=("default",),
               peers=("diffusers", "torchao"), compile_peer: bool = False, plain: bool = False, iters: int = 10,
               image_steps: int = 0, sustained_s: float = 0, profile: bool = False, attention=("triton", "fp8"),
-              log=print) -> dict:
-    """The benchmark behind `python -m minisd35 bench` (see the module docstring)."""
+              configs=None, log=print) -> dict:
+    """The benchmark behind `python -m minisd35 bench` (see the module docstring). configs: the fast-path options
+    timed on the first FP8 policy besides its default, each '+'-joined from fast-accum, triton-gemm, attn-MODE and
+    exp-fmaN (kernels/fp8_attention.py's exp_fma, through MINISD35_ATTN_EXP_FMA); None: fast-accum, triton-gemm,
+    attn-MODE per `attention`, and attn-fp8+fast-accum. The sustained run covers the default and the last config."""
     from . import fp8
     from .fast import accelerate
 
@@ -403,13 +443,14 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
                 run(f"minisd35 fp8 {pol} plain", q, qb)
             run(f"minisd35 fp8 {pol}", accelerate(q), qb, profile and pol == policies[0])
             if pol == policies[0]:
-                run(f"minisd35 fp8 {pol} fast-accum", accelerate(q, fast_accum=True), qb)
-                if fp8.has_triton():
-                    run(f"minisd35 fp8 {pol} triton-gemm", accelerate(q, gemm="triton"), qb)
-                for att in attention:
-                    run(f"minisd35 fp8 {pol} attn-{att}", accelerate(q, attention=att), qb)
-                if "fp8" in attention:
-                    run(f"minisd35 fp8 {pol} attn-fp8 fast-accum", accelerate(q, attention="fp8", fast_accum=True), qb)
+                if configs is None:
+                    configs = ("fast-accum", *(("triton-gemm",) if fp8.has_triton() else ()),
+                               *(f"attn-{a}" for a in attention), *(("attn-fp8+fast-accum",) if "fp8" in attention
+                                                                    else ()))
+                for c in configs:
+                    kw, env = fast_options(c)
+                    with environ(env):
+                        run(f"minisd35 fp8 {pol} {c.replace('+', ' ')}", accelerate(q, **kw), qb)
                 if "fp8" in attention:
                     from .audit import attention_audit
 
@@ -419,10 +460,12 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
                 if sustained_s:
                     step = accelerate(q)
                     res["sustained"][f"minisd35 fp8 {pol}"] = sustained(lambda: step(*inputs), sustained_s, nv)
-                    if "fp8" in attention:
-                        step = accelerate(q, attention="fp8")
-                        res["sustained"][f"minisd35 fp8 {pol} attn-fp8"] = sustained(lambda: step(*inputs),
-                                                                                     sustained_s, nv)
+                    if configs:
+                        kw, env = fast_options(configs[-1])
+                        with environ(env):
+                            step = accelerate(q, **kw)
+                            res["sustained"][f"minisd35 fp8 {pol} {configs[-1].replace('+', ' ')}"] = sustained(
+                                lambda: step(*inputs), sustained_s, nv)
             del q
             gc.collect()
             torch.cuda.empty_cache()
@@ -435,7 +478,8 @@ def cmd_bench(args) -> int:
     res = run_bench(args.variant, args.px, args.batch, tuple(p for p in args.policies.split(",") if p),
                     tuple(p for p in args.peers.split(",") if p), args.compile, args.plain, args.iters,
                     args.image_steps, args.sustained, args.profile,
-                    tuple(a for a in args.attention.split(",") if a))
+                    tuple(a for a in args.attention.split(",") if a),
+                    None if args.configs is None else tuple(c for c in args.configs.split(",") if c))
     line = json.dumps(res)
     if args.out:
         write_atomic(args.out, lambda tmp: Path(tmp).write_text(line + "\n"), force=True)

@@ -79,3 +79,22 @@ def test_streamed_forward_matches_resident(policy):
         assert [i for i, _ in entered] == [i for i in range(ref.cfg.depth) if i != 1]
         assert all(1 not in on for _, on in entered) and not s.ready
     assert torch.equal(got, want) and torch.equal(got_skip, want_skip)
+
+
+def test_bench_config_names():
+    """`minisd35 bench --configs`: each '+'-joined name becomes accelerate() keywords and environment overrides,
+    and the environment is restored afterwards; an unknown option fails with its name."""
+    import os
+
+    from minisd35.bench import environ, fast_options
+    from minisd35.errors import InputError
+
+    assert fast_options("attn-fp8+fast-accum+exp-fma4") == ({"attention": "fp8", "fast_accum": True},
+                                                             {"MINISD35_ATTN_EXP_FMA": "4"})
+    assert fast_options("triton-gemm") == ({"gemm": "triton"}, {})
+    before = os.environ.get("MINISD35_ATTN_EXP_FMA")
+    with environ({"MINISD35_ATTN_EXP_FMA": "2"}):
+        assert os.environ["MINISD35_ATTN_EXP_FMA"] == "2"
+    assert os.environ.get("MINISD35_ATTN_EXP_FMA") == before
+    with pytest.raises(InputError, match="'fast'"):
+        fast_options("attn-fp8+fast")
