@@ -294,12 +294,9 @@ class Pipeline:
         if cuda:  # the denoising loop's own peak; the call's peak is the max of the stages'
             t.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self._mmdit_parked is not None:
-            self._mmdit_parked.on()
-        model = self.denoiser
         n = len(sig) - 1
         try:
-            with _stage("MMDiT", self.device, hint):
+            with self.denoising() as model, _stage("MMDiT", self.device, hint):
                 for step in sampling.denoise(model, x, ctx, pooled, neg_ctx, neg_pooled, sigmas=sig, guidance=guidance,
                                              slg=slg if cfg_on else None, sampler=sampler or d.sampler):
                     if check_numerics and not bool(torch.isfinite(step.latents).all()):
@@ -309,12 +306,22 @@ class Pipeline:
                             f"image. {self._safer()}")
                     yield step
         finally:
-            if self._mmdit_parked is not None:
-                self._mmdit_parked.off()
             t.denoise_s = time.perf_counter() - t0
             if cuda:
                 t.denoise_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
                 t.peak_gib = max(t.peak_gib, t.denoise_peak_gib)
+
+    @contextlib.contextmanager
+    def denoising(self):
+        """The denoiser (the fused / graphed / streamed forward, or the plain MMDiT) to call as MMDiT is called; in
+        low-VRAM mode the MMDiT visits the GPU for the duration of the block."""
+        if self._mmdit_parked is not None:
+            self._mmdit_parked.on()
+        try:
+            yield self.denoiser
+        finally:
+            if self._mmdit_parked is not None:
+                self._mmdit_parked.off()
 
     def _safer(self) -> str:
         """What to try after NaN/Inf: a safer precision than the one that failed."""

@@ -374,7 +374,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int | None = 
         ctx, pooled = (ctx[B:], pooled[B:]) if cfg else (ctx, pooled)
         shape = (B, pipe.mmdit.cfg.in_channels, d.height // f, d.width // f)
         x = sampling.noise(shape, [torch.Generator("cpu").manual_seed(s) for s in ss], pipe.device, pipe.dtype)
-        x = sampling.sample(pipe.mmdit, x, ctx, pooled, *neg, sigmas=sampling.sigmas(steps, d.shift),
-                            guidance=guidance, sampler=sampler)
+        with pipe.denoising() as model:  # the pipeline's own forward (fused, FP8 attention, ...), not the bare MMDiT
+            x = sampling.sample(model, x, ctx, pooled, *neg, sigmas=sampling.sigmas(steps, d.shift),
+                                guidance=guidance, sampler=sampler)
         out += pipe.decode(x)
     return out

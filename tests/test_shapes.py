@@ -123,17 +123,25 @@ def test_captions_are_single_tokens_and_fit():
 
 
 def test_generate_equals_pipeline_calls():
-    """The batched evaluation helper draws exactly what one pipeline call per prompt draws (tiny random model)."""
+    """The batched evaluation helper draws exactly what one pipeline call per prompt draws (tiny random model), with
+    the pipeline's own forward: with attention="fp8" the pictures are the FP8-attention ones, not the plain model's
+    (an earlier version sampled pipe.mmdit and so measured the default path under every option)."""
     from minisd35.pipeline import load_pipeline
     from minisd35.tiny import tiny_root
 
-    pipe = load_pipeline(tiny_root(), dtype=torch.float32, device="cpu")
     prompts, seeds = ["a red circle", "a big green star on the left"], [3, 11]
-    batched = S.generate(pipe, prompts, seeds, steps=3, guidance=4.0)
-    single = [pipe(p, seed=s, steps=3, guidance=4.0)[0] for p, s in zip(prompts, seeds)]
-    for a, b in zip(batched, single):
-        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
-        assert (diff <= 1).mean() > 0.999
+    drawn = {}
+    for attention in ("auto", "fp8"):
+        pipe = load_pipeline(tiny_root(), dtype=torch.float32, device="cpu", attention=attention)
+        batched = S.generate(pipe, prompts, seeds, steps=3, guidance=4.0)
+        single = [pipe(p, seed=s, steps=3, guidance=4.0)[0] for p, s in zip(prompts, seeds)]
+        for a, b in zip(batched, single):
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+            # FP8 attention quantises V with one scale per call, shared by the whole batch, so a batch of two
+            # rounds V differently from one image alone: equal up to that, not to the last level
+            assert (diff <= 1).mean() > (0.999 if attention == "auto" else 0.98)
+        drawn[attention] = np.stack([np.asarray(im, dtype=np.int16) for im in batched])
+    assert np.abs(drawn["fp8"] - drawn["auto"]).max() > 1
 
 
 # --- the shipped model ------------------------------------------------------------------------------------------------
