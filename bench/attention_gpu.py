@@ -4,10 +4,9 @@
 
 Per shape (B, H, L, hd) and logit temperature (q and k drawn as N(0, t^2), i.e. logits of standard deviation t^2):
 the fp32 reference (softmax in fp32, per batch row to bound memory), then torch SDPA (default backend, cuDNN,
-flash) and our kernel in three modes (bf16; Q K^T in FP8 with bf16 V; Q K^T and P V in FP8) and its variants
-(ptr, tma, ws; "-acc": no P V promotion, "-fma4" / "-fma2": a quarter / half of the exponentials on the FMA
-pipes): relative RMS error vs the fp32 reference, median ms (do_bench, L2 flushed), TFLOP/s (4 B H L^2 hd FLOP per
-call), the autotuner's pick, and the speed ratio to the default SDPA backend in the same run. Every
+flash) and our kernel in three modes (bf16; Q K^T in FP8 with bf16 V; Q K^T and P V in FP8) and three variants
+(ptr, tma, ws): relative RMS error vs the fp32 reference, median ms (do_bench, L2 flushed), TFLOP/s (4 B H L^2 hd
+FLOP per call), the autotuner's pick, and the speed ratio to the default SDPA backend in the same run. Every
 measurement is in try/except: a variant that fails to compile is recorded with its error, and the run goes on.
 """
 
@@ -51,18 +50,6 @@ def sdpa(backend):
     return f
 
 
-def parse_variant(var: str) -> dict:
-    """'tma', 'tma-acc' (pv_promote=False), 'tma-fma4' (exp_fma=4), 'ptr-acc-fma2', ... -> attention() keywords."""
-    base, *opts = var.split("-")
-    kw = {"variant": base, "pv_promote": "acc" not in opts, "exp_fma": 0}
-    for o in opts:
-        if o.startswith("fma"):
-            kw["exp_fma"] = int(o[3:])
-        elif o != "acc":
-            raise SystemExit(f"unknown variant option {o!r} in {var!r}")
-    return kw
-
-
 def measure(name: str, temp: float, variants: list[str], errors: list) -> list[dict]:
     """Every implementation at one shape and temperature: error vs the fp32 reference, then time."""
     B, H, L, hd = SHAPES[name]
@@ -87,10 +74,10 @@ def measure(name: str, temp: float, variants: list[str], errors: list) -> list[d
         prep_ms = None
     for mode, a in modes.items():
         for var in variants:
-            kw = parse_variant(var)
-            if var != kw["variant"] and mode not in ("fp8 pv", "fp8 qk+pv"):
-                continue  # pv_promote and exp_fma only change the FP8 P @ V path
-            cands.append((f"{mode} {var}", (lambda a=a, kw=kw: A.attention(*a[:6], v_transposed=a[6], **kw))))
+            if var.endswith("-acc") and mode not in ("fp8 pv", "fp8 qk+pv"):
+                continue  # pv_promote only changes the FP8 P @ V product
+            cands.append((f"{mode} {var}", (lambda a=a, var=var: A.attention(
+                *a[:6], v_transposed=a[6], variant=var.removesuffix("-acc"), pv_promote=not var.endswith("-acc")))))
     for label, fn in cands:
         row = {"shape": name, "temp": temp, "impl": label}
         try:
@@ -105,8 +92,8 @@ def measure(name: str, temp: float, variants: list[str], errors: list) -> list[d
             if base_ms is None:
                 base_ms = ms[0]
             row["x_sdpa"] = ms[0] / base_ms
-            kernels = {"ptr": A._attn_ptr, "tma": A._attn_tma, "ws": A._attn_ws}
-            kern = kernels.get(label.split()[-1].split("-")[0]) if label[:4] != "sdpa" else None
+            kernels = {"ptr": A._attn_ptr, "tma": A._attn_tma, "ws": A._attn_ws, "tma-acc": A._attn_tma}
+            kern = kernels.get(label.split()[-1])
             if kern is not None and getattr(kern, "best_config", None) is not None:
                 row["config"] = str(kern.best_config)
         except Exception as e:
@@ -124,7 +111,7 @@ def main():
     ap.add_argument("--out", default="/tmp/attention.json")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--temps", default="1.0,1.5")
-    ap.add_argument("--variants", default="ptr,tma,ws,tma-acc,tma-fma4,tma-fma2")
+    ap.add_argument("--variants", default="ptr,tma,ws,tma-acc")
     args = ap.parse_args()
     info = env_info()
     print(json.dumps(info))

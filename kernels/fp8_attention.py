@@ -46,7 +46,6 @@ to the E4M3 grid first (ROUND_FIRST), as the other kernels do (_common.py).
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -75,9 +74,6 @@ from kernels._common import (
 from minisd35.errors import HardwareError, InputError
 
 P_SHIFT = 8.0  # p = exp2(s - m + 8) in [0, 256] for the FP8 P @ V product (see the docstring)
-# 1 / EXP_FMA of the exponentials on the FMA pipes (_exp2_split); 0: all on the MUFU unit. attention(exp_fma=None)
-# takes the environment's MINISD35_ATTN_EXP_FMA if set, else this.
-EXP_FMA_DEFAULT = 0
 VARIANTS = ("auto", "ptr", "tma", "ws")
 
 
@@ -91,6 +87,11 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, pre_hook=None) -> triton.Con
 # its exp2 work take turns, and only other programs on the SM overlap them. Tried on an H200 and dropped: a
 # software-pipelined loop (Q K^T of block j + 1 issued before block j's softmax: Triton still waits at once) and
 # maxnreg=128 configs for two 8-warp programs per SM (within 2% of these; bench/results/2026-12-03_h200_session9).
+# Also tried and dropped: a quarter or a half of the exponentials computed on the FMA pipes (2^x = 2^round(x) times a
+# quadratic in the fraction, assembled with integer adds on the exponent bits; FlashAttention-4's trick against the
+# MUFU unit's 16 ex2 per clock per SM). It compiled register-local, with 24% / 47% fewer ex2, and ran 10% / 16%
+# slower at Large's shape (0.817 / 0.865 ms vs 0.745; bench/results/2026-12-03_h200_session10): with MMA and
+# softmax taking turns, the extra FMA-pipe instructions cost more issue slots than the MUFU waits they remove.
 _SHAPES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 ATTN_CONFIGS = [_cfg(bm, bn, w, st) for bm, bn, w, st in _SHAPES]
 
@@ -128,52 +129,17 @@ def _qk(q, k, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x on the FMA / integer pipes instead of the MUFU unit, for x <= 8 (the shifted logits): 2^x = 2^j 2^f with
-    j = round(x), f in [-0.5, 0.5]. Adding 1.5 * 2^23 leaves round(x) in the low mantissa bits of t (fp32 adds
-    round to nearest); shifted left by 23 they are j in the exponent field (the constant's own bits shift out), and
-    an integer add multiplies the polynomial by 2^j. The quadratic is a minimax fit of 2^f: 1.7e-3 relative
-    error at most, under a tenth of E4M3's rounding step, which P goes through next. x is clamped at -100 so that
-    the exponent field cannot wrap (2^-100 of the row max: a zero E4M3 code)."""
-    x = tl.maximum(x, -100.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 1.00044168 + f * (0.7034556 + f * 0.23846968)
-    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_split(x, EXP_FMA: tl.constexpr):
-    """exp2 of a [BLOCK_M, BLOCK_N] tile with 1 / EXP_FMA of its columns (every EXP_FMA-th, from the end of each
-    group) computed by _exp2_fma. Why: at hd = 64 every logit costs 2 x 64 MACs of MMA and one MUFU ex2, and the
-    MUFU unit does 16 of those per clock per SM against 128 FMA lanes, so the softmax phase waits on it; moving a
-    quarter of the exponentials to the FMA pipes balances the two (FlashAttention-4 does this on Blackwell)."""
-    if EXP_FMA == 0:
-        return tl.math.exp2(x)
-    BM: tl.constexpr = x.shape[0]
-    BN: tl.constexpr = x.shape[1]
-    if EXP_FMA == 2:  # odd columns: in the MMA accumulator's layout each thread holds column pairs (2c, 2c + 1)
-        a, b = tl.split(tl.reshape(x, [BM, BN // 2, 2]))
-        return tl.reshape(tl.join(tl.math.exp2(a), _exp2_fma(b)), [BM, BN])
-    # a quarter: the odd columns of the right half (a thread's columns c and c + BN / 2 are its own as well)
-    a, b = tl.split(tl.permute(tl.reshape(x, [BM, 2, BN // 2]), (0, 2, 1)))
-    b1, b2 = tl.split(tl.reshape(b, [BM, BN // 4, 2]))
-    pb = tl.reshape(tl.join(tl.math.exp2(b1), _exp2_fma(b2)), [BM, BN // 2])
-    return tl.reshape(tl.permute(tl.join(tl.math.exp2(a), pb), (0, 2, 1)), [BM, BN])
-
-
-@triton.jit
 def _softmax(s, m_i, l_i, qk_scale, offs_n, L, MASK: tl.constexpr, PV_FP8: tl.constexpr,
-             ROUND_FIRST: tl.constexpr, EXP_FMA: tl.constexpr):
+             ROUND_FIRST: tl.constexpr):
     """Online-softmax update for one block of raw logits s -> (p, alpha, m, l). MASK: the block runs past L; its
-    logits there are -inf (p = 0; 2^-100 times the max through _exp2_fma, which E4M3 rounds to 0)."""
+    logits there are -inf (p = 0)."""
     s = s * qk_scale
     if MASK:
         s = tl.where((offs_n < L)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     if PV_FP8:
-        p = _exp2_split(s - (m_new - 8.0)[:, None], EXP_FMA)  # in [0, 256]: see the docstring (P_SHIFT)
+        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # in [0, 256]: see the docstring (P_SHIFT)
     else:
         p = tl.math.exp2(s - m_new[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
@@ -197,11 +163,10 @@ def _pv(acc, alpha, p, v, PV_FP8: tl.constexpr, DOT_F32: tl.constexpr, PROMOTE: 
 
 @triton.jit
 def _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, MASK: tl.constexpr, PV_FP8: tl.constexpr,
-          DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, PROMOTE: tl.constexpr, EXP_FMA: tl.constexpr):
+          DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, PROMOTE: tl.constexpr):
     """One key block: q [BLOCK_M, HD], k [BLOCK_N, HD], v [BLOCK_N, HD] (a view of vt's tile when V_T) ->
     the updated (acc, l, m)."""
-    p, alpha, m_i, l_i = _softmax(_qk(q, k, DOT_F32), m_i, l_i, qk_scale, offs_n, L, MASK, PV_FP8, ROUND_FIRST,
-                                  EXP_FMA)
+    p, alpha, m_i, l_i = _softmax(_qk(q, k, DOT_F32), m_i, l_i, qk_scale, offs_n, L, MASK, PV_FP8, ROUND_FIRST)
     return _pv(acc, alpha, p, v, PV_FP8, DOT_F32, PROMOTE), l_i, m_i
 
 
@@ -231,8 +196,7 @@ def _attn_ptr_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh, stride_ol,
     HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, PROMOTE: tl.constexpr,
-    EXP_FMA: tl.constexpr, DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -254,14 +218,14 @@ def _attn_ptr_kernel(
         k = tl.load(k_ptr + offs_n[:, None] * stride_kl + d[None, :])
         v = tl.load(v_ptr + offs_n[:, None] * stride_vl + d[None, :] * stride_vd)
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, False, PV_FP8, DOT_F32, ROUND_FIRST,
-                              PROMOTE, EXP_FMA)
+                              PROMOTE)
     if full < L:  # the last, partial key block
         offs_n = full + n
         kv_mask = (offs_n < L)[:, None]
         k = tl.load(k_ptr + offs_n[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, True, PV_FP8, DOT_F32, ROUND_FIRST,
-                              PROMOTE, EXP_FMA)
+                              PROMOTE)
     _store(acc, l_i, o_ptr, offs_m, d, L, stride_ol, v_scale)
 
 
@@ -270,8 +234,8 @@ def _attn_tma_kernel(
     q_ptr, k_desc, v_desc, o_ptr, qs_ptr, ks_ptr, vs_ptr, sm_scale, L, H,
     stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
     HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, PROMOTE: tl.constexpr,
-    EXP_FMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """k_desc over k as [B * H * L, hd]; v_desc over v as [B * H * L, hd], or (V_T) over vt as [B * H * hd, L] with
     row stride Lp. Q is read once with pointer loads (masked), the output stored with pointers (masked)."""
@@ -296,7 +260,7 @@ def _attn_tma_kernel(
         else:
             v = v_desc.load([row0 + j * BLOCK_N, 0])
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, j * BLOCK_N + n, L, qk_scale, False, PV_FP8, DOT_F32,
-                              ROUND_FIRST, PROMOTE, EXP_FMA)
+                              ROUND_FIRST, PROMOTE)
     if full * BLOCK_N < L:
         # rows past L belong to the next head (or are zero-filled past the tensor's end): the mask makes p = 0
         # there, and those rows hold finite values (E4M3 codes are clamped; no NaN), so 0 * v adds nothing
@@ -306,11 +270,11 @@ def _attn_tma_kernel(
         else:
             v = v_desc.load([row0 + full * BLOCK_N, 0])
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, full * BLOCK_N + n, L, qk_scale, True, PV_FP8, DOT_F32,
-                              ROUND_FIRST, PROMOTE, EXP_FMA)
+                              ROUND_FIRST, PROMOTE)
     _store(acc, l_i, o_ptr, offs_m, d, L, stride_ol, v_scale)
 
 
-_KEY = ["L", "HD", "HAS_SCALES", "PV_FP8", "V_T", "PROMOTE", "EXP_FMA"]
+_KEY = ["L", "HD", "HAS_SCALES", "PV_FP8", "V_T", "PROMOTE"]
 _attn_ptr = triton.autotune(configs=pick_configs(ATTN_CONFIGS, CPU_CONFIGS), key=_KEY, do_bench=tune_bench,
                             prune_configs_by={"early_config_prune": _prune_pre_hopper})(_attn_ptr_kernel)
 _attn_tma = triton.autotune(configs=pick_configs(TMA_CONFIGS, CPU_TMA_CONFIGS), key=_KEY + ["WARP_SPEC"],
@@ -388,14 +352,13 @@ def _check(fn: str, q, k, v, v_transposed: bool, q_scale, k_scale, v_scale) -> t
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor | None = None,
               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *, v_transposed: bool = False,
               sm_scale: float | None = None, out: torch.Tensor | None = None, variant: str = "auto",
-              pv_promote: bool = True, exp_fma: int | None = None) -> torch.Tensor:
+              pv_promote: bool = True) -> torch.Tensor:
     """softmax(q k^T * sm_scale) v over [B, H, L, hd] tensors (no mask, non-causal; sm_scale = 1/sqrt(hd) by default)
     -> bf16 [B, H, L, hd] with q's strides. q, k: both bf16 or both E4M3 with q_scale, k_scale; v: bf16 [B, H, L,
     hd], or E4M3 stored transposed [B, H, hd, Lp] with v_scale and v_transposed=True. Scales are 1-element fp32
     tensors (read on the device: a CUDA graph can replay with new values). pv_promote=False: the FP8 P @ V products
     accumulate in the MMA's accumulator across key blocks (one register tile fewer, fewer adds; see the docstring
-    for what that costs in precision). exp_fma (FP8 P only): 0, or 2 / 4 to compute every second / fourth
-    exponential on the FMA pipes (_exp2_split); None: EXP_FMA_DEFAULT."""
+    for what that costs in precision)."""
     fn = "attention"
     B, H, L, hd = _check(fn, q, k, v, v_transposed, q_scale, k_scale, v_scale)
     dev = check_device(fn, q, k, v, q_scale, k_scale, v_scale, fp8=q.dtype == FP8 or v.dtype == FP8)
@@ -412,13 +375,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
     has_scales = q_scale is not None
     scales = (q_scale, k_scale, v_scale) if has_scales else (q, q, q)  # without scales: unused pointers
     sm = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(hd)
-    if exp_fma is None:
-        exp_fma = os.environ.get("MINISD35_ATTN_EXP_FMA", EXP_FMA_DEFAULT)
-        exp_fma = int(exp_fma) if str(exp_fma).isdigit() else exp_fma
-    if exp_fma not in (0, 2, 4):
-        raise InputError(f"{fn}: exp_fma={exp_fma!r}; expected 0, 2 or 4")
     flags = dict(HD=hd, HAS_SCALES=has_scales, PV_FP8=v.dtype == FP8, V_T=v_transposed, PROMOTE=pv_promote,
-                 EXP_FMA=exp_fma if v.dtype == FP8 else 0,
                  DOT_F32=interpreting(), ROUND_FIRST=interpreting())
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
     with on_device(dev):

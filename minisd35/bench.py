@@ -15,7 +15,6 @@ the error numbers show the mechanics of FP8, not real-image quality.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -280,9 +279,9 @@ def sustained(fn: Callable[[], object], seconds: float, nv: NVML) -> dict:
             "avg_power_w": None if e0 is None or e1 is None else (e1 - e0) / dt}
 
 
-def fast_options(config: str) -> tuple[dict, dict]:
-    """'attn-fp8+fast-accum+exp-fma4' -> (accelerate() keywords, environment variables)."""
-    kw, env = {}, {}
+def fast_options(config: str) -> dict:
+    """'attn-fp8+fast-accum' -> accelerate() keywords."""
+    kw = {}
     for opt in config.split("+"):
         if opt == "fast-accum":
             kw["fast_accum"] = True
@@ -290,28 +289,11 @@ def fast_options(config: str) -> tuple[dict, dict]:
             kw["gemm"] = "triton"
         elif opt.startswith("attn-"):
             kw["attention"] = opt.removeprefix("attn-")
-        elif opt.startswith("exp-fma") and opt[7:].isdigit():
-            env["MINISD35_ATTN_EXP_FMA"] = opt[7:]
         else:
             from .errors import InputError
 
-            raise InputError(f"bench config {config!r}: unknown option {opt!r} (fast-accum, triton-gemm, attn-MODE, "
-                             f"exp-fmaN)")
-    return kw, env
-
-
-@contextlib.contextmanager
-def environ(env: dict):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            raise InputError(f"bench config {config!r}: unknown option {opt!r} (fast-accum, triton-gemm, attn-MODE)")
+    return kw
 
 
 def add_parser(sub) -> None:
@@ -324,7 +306,7 @@ def add_parser(sub) -> None:
                    help="fast.py attention modes to time besides SDPA (bf16 model: all but fp8; first FP8 policy: "
                         "all; with fp8 also the per-layer FP8 attention audit)")
     b.add_argument("--configs", help="comma list of fast-path options for the first FP8 policy, each '+'-joined "
-                   "from fast-accum, triton-gemm, attn-MODE, exp-fmaN (default: see run_bench)")
+                   "from fast-accum, triton-gemm, attn-MODE (default: see run_bench)")
     b.add_argument("--peers", default="diffusers,torchao", help="comma list; '' for none")
     b.add_argument("--compile", action="store_true", help="also torch.compile the torchao model (minutes)")
     b.add_argument("--plain", action="store_true", help="also time the plain (unfused) minisd35 forward")
@@ -341,9 +323,9 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
               image_steps: int = 0, sustained_s: float = 0, profile: bool = False, attention=("triton", "fp8"),
               configs=None, log=print) -> dict:
     """The benchmark behind `python -m minisd35 bench` (see the module docstring). configs: the fast-path options
-    timed on the first FP8 policy besides its default, each '+'-joined from fast-accum, triton-gemm, attn-MODE and
-    exp-fmaN (kernels/fp8_attention.py's exp_fma, through MINISD35_ATTN_EXP_FMA); None: fast-accum, triton-gemm,
-    attn-MODE per `attention`, and attn-fp8+fast-accum. The sustained run covers the default and the last config."""
+    timed on the first FP8 policy besides its default, each '+'-joined from fast-accum, triton-gemm and attn-MODE;
+    None: fast-accum, triton-gemm, attn-MODE per `attention`, and attn-fp8+fast-accum. The sustained run covers the
+    default and the last config."""
     from . import fp8
     from .fast import accelerate
 
@@ -448,9 +430,7 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
                                *(f"attn-{a}" for a in attention), *(("attn-fp8+fast-accum",) if "fp8" in attention
                                                                     else ()))
                 for c in configs:
-                    kw, env = fast_options(c)
-                    with environ(env):
-                        run(f"minisd35 fp8 {pol} {c.replace('+', ' ')}", accelerate(q, **kw), qb)
+                    run(f"minisd35 fp8 {pol} {c.replace('+', ' ')}", accelerate(q, **fast_options(c)), qb)
                 if "fp8" in attention:
                     from .audit import attention_audit
 
@@ -461,11 +441,9 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
                     step = accelerate(q)
                     res["sustained"][f"minisd35 fp8 {pol}"] = sustained(lambda: step(*inputs), sustained_s, nv)
                     if configs:
-                        kw, env = fast_options(configs[-1])
-                        with environ(env):
-                            step = accelerate(q, **kw)
-                            res["sustained"][f"minisd35 fp8 {pol} {configs[-1].replace('+', ' ')}"] = sustained(
-                                lambda: step(*inputs), sustained_s, nv)
+                        step = accelerate(q, **fast_options(configs[-1]))
+                        res["sustained"][f"minisd35 fp8 {pol} {configs[-1].replace('+', ' ')}"] = sustained(
+                            lambda: step(*inputs), sustained_s, nv)
             del q
             gc.collect()
             torch.cuda.empty_cache()

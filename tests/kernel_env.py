@@ -111,8 +111,7 @@ def build(name, kernel, sig, consts, arch=90, cfg=None, warps=4, stages=3, **opt
         rec.update(ok=True, shared=k.metadata.shared, stack=stack_bytes(k.asm["cubin"]),
                    fma=len(re.findall(r"\bfma\.rn\.f32", ptx)), v4_loads=len(re.findall(r"ld\.global[\.\w]*\.v4", ptx)),
                    satfinite=ptx.count("cvt.rn.satfinite.e4m3x2"), setmaxnreg=ptx.count("setmaxnreg"),
-                   fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"), ex2=ptx.count("ex2.approx"),
-                   st_shared=ptx.count("st.shared"))
+                   fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"))
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
     out.append(rec)

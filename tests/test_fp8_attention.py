@@ -66,43 +66,6 @@ def test_fp8_attention_matches_its_reference(shape, variant, mode):
     assert 1e-2 < err < 0.15
 
 
-def test_exp2_fma_against_torch():
-    """The bit-trick exponential itself, on every shifted logit the kernel can meet: x in [-120, 8] (and -inf)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _k(x_ptr, y_ptr, N: tl.constexpr):
-        i = tl.arange(0, N)
-        tl.store(y_ptr + i, fp8_attention._exp2_fma(tl.load(x_ptr + i)))
-
-    x = torch.cat([torch.linspace(-120.0, 8.0, 4095), torch.tensor([float("-inf")])])
-    y = torch.empty_like(x)
-    xd, yd = x.to(DEV), y.to(DEV)
-    _k[(1,)](xd, yd, N=x.numel())
-    got, want = yd.cpu().double(), torch.exp2(x.double())
-    ok = x >= -100
-    assert ((got[ok] / want[ok] - 1).abs().max()) < 1.8e-3
-    assert torch.allclose(got[~ok], torch.full_like(got[~ok], 2.0**-100), rtol=2e-3)  # clamped, still positive
-
-
-@pytest.mark.parametrize("exp_fma", [2, 4])
-@pytest.mark.parametrize("variant", ["ptr", "tma"])
-def test_exponentials_on_the_fma_pipes(exp_fma, variant):
-    """exp_fma: every second / fourth exponential by the bit-trick polynomial (_exp2_fma, 1.7e-3 relative error at
-    most): the output stays as close to the exact softmax as the MUFU-only kernel's, whose E4M3 rounding of P
-    dominates. Logits of std 4 so that many P sit far below the max (the clamp at -100 and the exponent bits are
-    exercised), and L odd so the masked last block is too (its -inf logits must give p = 0, not NaN)."""
-    q, k, v = qkv(1, 2, 45, 64, temp=2.0, seed=5)
-    args = prepare_fp8(q, k, v)
-    ref = attention_ref(*args[:6], v_transposed=True)
-    base = attention(*args[:6], v_transposed=True, variant=variant, exp_fma=0)
-    out = attention(*args[:6], v_transposed=True, variant=variant, exp_fma=exp_fma)
-    assert not torch.isnan(out).any()
-    assert rel_rms(out, ref) < 1.25 * rel_rms(base, ref) + 1e-3
-    assert 0 < rel_rms(out, base) < 2e-2
-
-
 def test_fp8_pv_promotion_and_mma_accumulation_agree():
     q, k, v = qkv(1, 2, 53, 64, seed=3)
     args = prepare_fp8(q, k, v)
@@ -331,8 +294,7 @@ common = {"o_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp
 ptr_sig = {**common, **strides("stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh", "stride_vl",
                                "stride_vd")}
 for mode, qdt, vdt, vt in [("bf16", "bf16", "bf16", False), ("fp8", "fp8e4nv", "fp8e4nv", True)]:
-    consts = dict(HD=64, HAS_SCALES=mode == "fp8", PV_FP8=vt, V_T=vt, PROMOTE=True, EXP_FMA=0, DOT_F32=False,
-                  ROUND_FIRST=False)
+    consts = dict(HD=64, HAS_SCALES=mode == "fp8", PV_FP8=vt, V_T=vt, PROMOTE=True, DOT_F32=False, ROUND_FIRST=False)
     for cfg in A.ATTN_CONFIGS[:4]:
         sig = {**ptr_sig, "q_ptr": f"*{qdt}", "k_ptr": f"*{qdt}", "v_ptr": f"*{vdt}"}
         build(f"ptr {mode} {cfg}", A._attn_ptr_kernel, sig, consts, cfg=cfg)
@@ -340,10 +302,6 @@ for mode, qdt, vdt, vt in [("bf16", "bf16", "bf16", False), ("fp8", "fp8e4nv", "
         tsig = {**common, "q_ptr": f"*{qdt}", "k_desc": f"tensordesc<{qdt}[{bn}, 64]>",
                 "v_desc": f"tensordesc<{vdt}[64, {bn}]>" if vt else f"tensordesc<{vdt}[{bn}, 64]>"}
         build(f"tma {mode} {cfg}", A._attn_tma_kernel, tsig, {**consts, "WARP_SPEC": False}, cfg=cfg)
-        if mode == "fp8":
-            for e in (2, 4):
-                build(f"tma fma{e} {cfg}", A._attn_tma_kernel, tsig, {**consts, "WARP_SPEC": False, "EXP_FMA": e},
-                      cfg=cfg)
     for cfg in A._prune_pre_hopper(A.ATTN_CONFIGS, {"q_ptr": Ada()}):
         build(f"ptr {mode} sm89 {cfg}", A._attn_ptr_kernel, {**ptr_sig, "q_ptr": f"*{qdt}", "k_ptr": f"*{qdt}",
               "v_ptr": f"*{vdt}"}, consts, arch=89, cfg=cfg)
@@ -362,16 +320,7 @@ build("v_fp8_t", A._v_fp8_t_kernel, {"v_ptr": "*bf16", "vt_ptr": "*fp8e4nv", "am
 @pytest.mark.slow
 def test_attention_kernels_compile_for_the_gpu():
     builds = run_aot(_AOT_SCRIPT)
-    assert len(builds) == 2 * (4 * 2 + 2 + len(fp8_attention.WS_CONFIGS)) + 4 * 2 + 1
+    assert len(builds) == 2 * (4 * 2 + 2 + len(fp8_attention.WS_CONFIGS)) + 1
     for r in builds:
         assert r["shared"] <= {90: 227, 89: 99}[r["arch"]] * 1024, r["name"]
         assert r["stack"] in (0, None), f"{r['name']}: {r['stack']} bytes of register spills"
-    # exp_fma moves 1/2 or 1/4 of the tile's ex2 instructions to the FMA pipes, and the column split / join stays in
-    # registers (no extra layout conversion through shared memory)
-    by = {r["name"]: r for r in builds}
-    for name in [n for n in by if n.startswith("tma fp8 ")]:
-        base, cfg = by[name], name.removeprefix("tma fp8 ")
-        for e in (2, 4):
-            r = by[f"tma fma{e} {cfg}"]
-            assert r["st_shared"] == base["st_shared"], r["name"]
-            assert r["ex2"] < base["ex2"] * (1 - 0.8 / e), (r["name"], r["ex2"], base["ex2"])

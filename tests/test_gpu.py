@@ -176,11 +176,8 @@ def test_attention_kernel_at_sd35_shape(variant):
     err = rel_rms(attention(q, k, v, variant=variant), ref)
     args = prepare_fp8(q, k, v)
     err8 = rel_rms(attention(*args[:6], v_transposed=True, variant=variant), ref)
-    # a half / a quarter of the exponentials on the FMA pipes: the same error (P's E4M3 rounding dominates)
-    fma = {e: rel_rms(attention(*args[:6], v_transposed=True, variant=variant, exp_fma=e), ref) for e in (2, 4)}
-    RESULTS[f"attention_{variant}"] = {"bf16": err, "fp8": err8, **{f"fp8_exp_fma{e}": x for e, x in fma.items()}}
+    RESULTS[f"attention_{variant}"] = {"bf16": err, "fp8": err8}
     assert err < 1e-2 and 1e-2 < err8 < 0.1, (err, err8)
-    assert all(x < 1.1 * err8 for x in fma.values()), fma
 
 
 def test_pipeline_speed_options():
