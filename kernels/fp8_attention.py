@@ -2,7 +2,8 @@
 online softmax, written in Triton).
 
     q, k       [B, H, L, hd]   bf16, or E4M3 with one fp32 dequant scale per tensor (q ~= q8 * q_scale)
-    v          [B, H, L, hd]   bf16; or E4M3 stored TRANSPOSED as vt [B, H, hd, Lp] (Lp >= L, see below)
+    v          [B, H, L, hd]   bf16; or E4M3 stored TRANSPOSED as vt [B, H, hd, Lp] (Lp >= L, see below), with one
+                               fp32 dequant scale per batch row (or one for all)
     out        [B, H, L, hd]   bf16, allocated with q's strides (as SDPA does), so that out.transpose(1, 2) is the
                                [B, L, H * hd] token matrix the proj GEMM reads, without a copy
 
@@ -171,15 +172,16 @@ def _step(acc, l_i, m_i, q, k, v, offs_n, L, qk_scale, MASK: tl.constexpr, PV_FP
 
 
 @triton.jit
-def _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES: tl.constexpr):
+def _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, vs_off, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES: tl.constexpr):
     """This program's query tile (rows past L read as 0) and the two scalars: the logits' multiplier (softmax
-    scale, log2(e) for exp2, and the q / k dequant scales) and the output's (v's dequant scale)."""
+    scale, log2(e) for exp2, and the q / k dequant scales) and the output's (v's dequant scale, vs_ptr[vs_off]: one
+    per batch row, or one for all)."""
     q = tl.load(q_ptr + offs_m[:, None] * stride_ql + d[None, :], mask=(offs_m < L)[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
     v_scale = 1.0
     if HAS_SCALES:
         qk_scale *= tl.load(qs_ptr) * tl.load(ks_ptr)
-        v_scale = tl.load(vs_ptr)
+        v_scale = tl.load(vs_ptr + vs_off)
     return q, qk_scale, v_scale
 
 
@@ -192,7 +194,7 @@ def _store(acc, l_i, o_ptr, offs_m, d, L, stride_ol, v_scale):
 
 @triton.jit
 def _attn_ptr_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, ks_ptr, vs_ptr, sm_scale, L, H,
+    q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, ks_ptr, vs_ptr, vs_stride, sm_scale, L, H,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh, stride_ol,
     HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, PROMOTE: tl.constexpr,
@@ -207,7 +209,8 @@ def _attn_ptr_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
     n = tl.arange(0, BLOCK_N)
-    q, qk_scale, v_scale = _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES)
+    q, qk_scale, v_scale = _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, b * vs_stride, offs_m, d, L, stride_ql, sm_scale,
+                                     HAS_SCALES)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -231,7 +234,7 @@ def _attn_ptr_kernel(
 
 @triton.jit
 def _attn_tma_kernel(
-    q_ptr, k_desc, v_desc, o_ptr, qs_ptr, ks_ptr, vs_ptr, sm_scale, L, H,
+    q_ptr, k_desc, v_desc, o_ptr, qs_ptr, ks_ptr, vs_ptr, vs_stride, sm_scale, L, H,
     stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
     HD: tl.constexpr, HAS_SCALES: tl.constexpr, PV_FP8: tl.constexpr, V_T: tl.constexpr, PROMOTE: tl.constexpr,
     WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -245,7 +248,8 @@ def _attn_tma_kernel(
     o_ptr += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
-    q, qk_scale, v_scale = _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, offs_m, d, L, stride_ql, sm_scale, HAS_SCALES)
+    q, qk_scale, v_scale = _prologue(q_ptr, qs_ptr, ks_ptr, vs_ptr, b * vs_stride, offs_m, d, L, stride_ql, sm_scale,
+                                     HAS_SCALES)
     row0 = bh * L  # this head's first key row in the flattened [B * H * L, hd] view
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -285,10 +289,12 @@ _attn_ws = triton.autotune(configs=pick_configs(WS_CONFIGS, CPU_TMA_CONFIGS), ke
 
 
 @triton.jit
-def _v_fp8_t_kernel(v_ptr, vt_ptr, amax_ptr, scale_ptr, L, Lp, H, stride_vb, stride_vh, stride_vl, stride_tb,
-                    stride_th, stride_td, HD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_L: tl.constexpr):
+def _v_fp8_t_kernel(v_ptr, vt_ptr, amax_ptr, scale_ptr, amax_stride, L, Lp, H, stride_vb, stride_vh, stride_vl,
+                    stride_tb, stride_th, stride_td, HD: tl.constexpr, ROUND_FIRST: tl.constexpr,
+                    BLOCK_L: tl.constexpr):
     """v [B, H, L, hd] (model dtype) -> vt [B, H, hd, Lp] E4M3 = v / scale, clamped, with scale = max(amax, floor) /
-    448 from the 1-element amax (program (0, 0) also stores it, for the attention kernel). BLOCK_L tokens of one
+    448 from amax[b * amax_stride] (one per batch row, or one for all; program (0, b, h = 0) also stores it, for
+    the attention kernel). BLOCK_L tokens of one
     head per program: read as [BLOCK_L, hd] rows (16-byte loads), transposed in registers / shared memory, written
     as hd rows of BLOCK_L bytes. The store mask runs to Lp (a multiple of 16; the padding gets zeros), so that the
     compiler can prove 16-byte alignment and write 16 bytes per instruction: with the mask at L (odd at SD3.5's
@@ -299,9 +305,9 @@ def _v_fp8_t_kernel(v_ptr, vt_ptr, amax_ptr, scale_ptr, L, Lp, H, stride_vb, str
     d = tl.arange(0, HD)
     x = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + tok[:, None].to(tl.int64) * stride_vl
                 + d[None, :], mask=(tok < L)[:, None], other=0.0)
-    scale = tl.maximum(tl.load(amax_ptr), 1e-12) / 448.0
-    if pid_l == 0 and bh == 0:
-        tl.store(scale_ptr, scale)
+    scale = tl.maximum(tl.load(amax_ptr + b * amax_stride), 1e-12) / 448.0
+    if pid_l == 0 and h == 0 and (b == 0 or amax_stride > 0):
+        tl.store(scale_ptr + b * amax_stride, scale)
     q = tl.trans(to_e4m3(x.to(tl.float32), 1.0 / scale, ROUND_FIRST))  # [HD, BLOCK_L]
     tl.store(vt_ptr + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + d[:, None] * stride_td + tok[None, :],
              q, mask=(tok < Lp)[None, :])
@@ -341,11 +347,14 @@ def _check(fn: str, q, k, v, v_transposed: bool, q_scale, k_scale, v_scale) -> t
     scales = (q_scale, k_scale, v_scale)
     given = sum(s is not None for s in scales)
     if (fp8_in and given < 3) or given not in (0, 3):
-        raise InputError(f"{fn}: pass all of q_scale, k_scale, v_scale (1-element fp32 dequant scales; FP8 inputs "
-                         f"need them; torch.ones(1) for a bf16 tensor in a mixed call) or none of them")
-    for name, s in zip(("q_scale", "k_scale", "v_scale"), scales):
+        raise InputError(f"{fn}: pass all of q_scale, k_scale, v_scale (fp32 dequant scales, 1-element, v_scale "
+                         f"also [B]; FP8 inputs need them; torch.ones(1) for a bf16 tensor in a mixed call) or none "
+                         f"of them")
+    for name, s in zip(("q_scale", "k_scale"), scales[:2]):
         if s is not None:
             check_scale(fn, name, s, 1, "tensor")
+    if v_scale is not None:
+        check_scale(fn, "v_scale", v_scale, B, "batch row")
     return B, H, L, hd
 
 
@@ -355,10 +364,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
               pv_promote: bool = True) -> torch.Tensor:
     """softmax(q k^T * sm_scale) v over [B, H, L, hd] tensors (no mask, non-causal; sm_scale = 1/sqrt(hd) by default)
     -> bf16 [B, H, L, hd] with q's strides. q, k: both bf16 or both E4M3 with q_scale, k_scale; v: bf16 [B, H, L,
-    hd], or E4M3 stored transposed [B, H, hd, Lp] with v_scale and v_transposed=True. Scales are 1-element fp32
-    tensors (read on the device: a CUDA graph can replay with new values). pv_promote=False: the FP8 P @ V products
-    accumulate in the MMA's accumulator across key blocks (one register tile fewer, fewer adds; see the docstring
-    for what that costs in precision)."""
+    hd], or E4M3 stored transposed [B, H, hd, Lp] with v_scale and v_transposed=True. Scales are fp32 tensors read
+    on the device (a CUDA graph can replay with new values): q_scale and k_scale 1-element, v_scale 1-element or one
+    per batch row ([B], as v_fp8_transposed writes it, so that no image's V rounding depends on another's).
+    pv_promote=False: the FP8 P @ V products accumulate in the MMA's accumulator across key blocks (one register
+    tile fewer, fewer adds; see the docstring for what that costs in precision)."""
     fn = "attention"
     B, H, L, hd = _check(fn, q, k, v, v_transposed, q_scale, k_scale, v_scale)
     dev = check_device(fn, q, k, v, q_scale, k_scale, v_scale, fp8=q.dtype == FP8 or v.dtype == FP8)
@@ -374,6 +384,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
                          f"{tuple(out.shape)} strides {out.stride()}")
     has_scales = q_scale is not None
     scales = (q_scale, k_scale, v_scale) if has_scales else (q, q, q)  # without scales: unused pointers
+    vs_stride = int(has_scales and v_scale.numel() == B and B > 1)
     sm = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(hd)
     flags = dict(HD=hd, HAS_SCALES=has_scales, PV_FP8=v.dtype == FP8, V_T=v_transposed, PROMOTE=pv_promote,
                  DOT_F32=interpreting(), ROUND_FIRST=interpreting())
@@ -381,12 +392,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
     with on_device(dev):
         if variant == "ptr":
             vs = (v.stride(0), v.stride(1), 1, v.stride(2)) if v_transposed else (*v.stride()[:3], 1)
-            _attn_ptr[grid](q, k, v, out, *scales, sm, L, H, *q.stride()[:3], *k.stride()[:3], *vs,
+            _attn_ptr[grid](q, k, v, out, *scales, vs_stride, sm, L, H, *q.stride()[:3], *k.stride()[:3], *vs,
                             *out.stride()[:3], **flags)
         else:
             k_desc, v_desc = _descriptors(k, v, v_transposed, dev, variant)
             launch = _attn_ws if variant == "ws" else _attn_tma
-            launch[grid](q, k_desc, v_desc, out, *scales, sm, L, H, *q.stride()[:3], *out.stride()[:3],
+            launch[grid](q, k_desc, v_desc, out, *scales, vs_stride, sm, L, H, *q.stride()[:3], *out.stride()[:3],
                          WARP_SPEC=variant == "ws", **flags)
     return out
 
@@ -438,34 +449,35 @@ def padded_len(L: int) -> int:
 
 
 def v_fp8_transposed(v: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [B, H, L, hd] bf16 / fp16 (hd contiguous) -> (vt [B, H, hd, Lp] E4M3, scale fp32 [1]): one per-tensor scale,
-    max(amax, 1e-12) / 448, computed on the device (no host sync, graph-safe), and the transpose that Hopper's FP8
-    P @ V needs, in one pass. amax: fp32 [1] max |v| if already known (fast.py has qk_norm_split accumulate it
-    while it writes v), else one torch.aminmax pass over v here."""
+    """v [B, H, L, hd] bf16 / fp16 (hd contiguous) -> (vt [B, H, hd, Lp] E4M3, scale fp32 [B]): one scale per batch
+    row, max(amax, 1e-12) / 448, computed on the device (no host sync, graph-safe), and the transpose that Hopper's
+    FP8 P @ V needs, in one pass. Per batch row, not per tensor, so that an image's V codes (and so its pixels) do
+    not depend on what else is in the batch. amax: fp32 [B] max |v| per batch row if already known (fast.py has
+    qk_norm_split gather it while it writes v; [1] for one scale over all rows), else one pass over v here."""
     fn = "v_fp8_transposed"
     check_tensor(fn, "v", v, (torch.bfloat16, torch.float16), ndim=4)
     dev = check_device(fn, v, amax)
     B, H, L, hd = v.shape
     if amax is None:
-        lo, hi = torch.aminmax(v)
-        amax = torch.maximum(-lo, hi).float().reshape(1)
+        amax = v.abs().amax(dim=(1, 2, 3)).float()
     else:
-        check_scale(fn, "amax", amax, 1, "tensor")
+        check_scale(fn, "amax", amax, B, "batch row")
     Lp = padded_len(L)
     vt = torch.empty(B, H, hd, Lp, dtype=FP8, device=v.device)
-    scale = torch.empty(1, dtype=torch.float32, device=v.device)
+    scale = torch.empty(amax.numel(), dtype=torch.float32, device=v.device)
     with on_device(dev):
         _v_fp8_t_kernel[(triton.cdiv(Lp, V_BLOCK_L), B * H)](
-            v, vt, amax, scale, L, Lp, H, *v.stride()[:3], *vt.stride()[:3], HD=hd, ROUND_FIRST=interpreting(),
-            BLOCK_L=V_BLOCK_L, num_warps=4)
+            v, vt, amax, scale, int(amax.numel() == B and B > 1), L, Lp, H, *v.stride()[:3], *vt.stride()[:3],
+            HD=hd, ROUND_FIRST=interpreting(), BLOCK_L=V_BLOCK_L, num_warps=4)
     return vt, scale
 
 
 def v_fp8_transposed_ref(v: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch v_fp8_transposed (the padding columns are zero in both)."""
     B, H, L, hd = v.shape
-    scale = None if amax is None else (amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX).reshape(1)
-    v8, scale = quant_tensor(v, scale)
+    amax = v.abs().amax(dim=(1, 2, 3)) if amax is None else amax
+    scale = (amax.float().clamp_min(SCALE_FLOOR) / FP8_MAX).reshape(-1)
+    v8 = (v.float() / scale.view(-1, 1, 1, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     vt = torch.zeros(B, H, hd, padded_len(L), dtype=FP8, device=v.device)
     vt[..., :L] = v8.transpose(2, 3)
     return vt, scale
@@ -474,8 +486,8 @@ def v_fp8_transposed_ref(v: torch.Tensor, amax: torch.Tensor | None = None) -> t
 def prepare_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: bool = True, pv: bool = True):
     """bf16 q, k, v [B, H, L, hd] -> the arguments of attention() with the chosen operands in FP8: (q, k, v_arg,
     q_scale, k_scale, v_scale, v_transposed). qk: q and k as E4M3 with per-tensor scales (else bf16, scale 1);
-    pv: v as E4M3 transposed [B, H, hd, Lp] (else bf16 v, scale 1). Plain torch, for tests and benchmarks: the
-    model writes E4M3 q and k straight from its QK-norm kernel."""
+    pv: v as E4M3 transposed [B, H, hd, Lp] with one scale per batch row (else bf16 v, scale 1). Plain torch, for
+    tests and benchmarks: the model writes E4M3 q and k straight from its QK-norm kernel."""
     one = torch.ones(1, device=q.device)
     q8, qs = quant_tensor(q) if qk else (q, one)
     k8, ks = quant_tensor(k) if qk else (k, one)
@@ -493,7 +505,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     qf, kf = q.float(), k.float()
     vf = v[..., :L].transpose(2, 3).float() if v_transposed else v.float()
     if q_scale is not None:
-        qf, kf, vf = qf * q_scale, kf * k_scale, vf * v_scale
+        qf, kf, vf = qf * q_scale, kf * k_scale, vf * v_scale.reshape(-1, 1, 1, 1)
     sm = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = torch.softmax((qf @ kf.transpose(2, 3)) * sm, dim=-1)
     return (p @ vf).to(torch.bfloat16)

@@ -87,7 +87,7 @@ def _rms_norm(x, w_ptr, d, HD: tl.constexpr, eps, HAS_W: tl.constexpr, W_LOWP: t
 @triton.jit
 def _qk_norm_kernel(
     qkv_ptr, wq_ptr, wk_ptr, q_ptr, k_ptr, v_ptr, vmax_ptr,
-    L, heads, offset, stride_row, stride_ob, stride_oh, stride_ol, eps, q_inv, k_inv,
+    L, heads, offset, vmax_stride, stride_row, stride_ob, stride_oh, stride_ol, eps, q_inv, k_inv,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WQ: tl.constexpr, HAS_WK: tl.constexpr,
     WQ_LOWP: tl.constexpr, WQ_DT: tl.constexpr, WK_LOWP: tl.constexpr, WK_DT: tl.constexpr,
     X_DT: tl.constexpr, O_DT: tl.constexpr, ROUND_FIRST: tl.constexpr, EVEN_D: tl.constexpr, HAS_VMAX: tl.constexpr,
@@ -109,8 +109,8 @@ def _qk_norm_kernel(
     dst = (b.to(tl.int64) * stride_ob + h * stride_oh + (offset + tok).to(tl.int64)[:, None] * stride_ol
            + d[None, :])
     tl.store(v_ptr + dst, xv.to(v_ptr.dtype.element_ty), mask=mask)
-    if HAS_VMAX:  # max |v| for fp8_attention's per-tensor V scale: one atomic per program (masked lanes hold 0)
-        tl.atomic_max(vmax_ptr, tl.max(tl.abs(xv.to(tl.float32))), sem="relaxed")
+    if HAS_VMAX:  # max |v| for fp8_attention's V scale, per batch row: one atomic per program (masked lanes hold 0)
+        tl.atomic_max(vmax_ptr + b * vmax_stride, tl.max(tl.abs(xv.to(tl.float32))), sem="relaxed")
     yq = _rms_norm(xq, wq_ptr, d, HD, eps, HAS_WQ, WQ_LOWP, WQ_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
     yk = _rms_norm(xk, wk_ptr, d, HD, eps, HAS_WK, WK_LOWP, WK_DT, X_DT, O_DT, ROUND_FIRST, EVEN_D)
     if O_DT == tl.float8e4nv:  # E4M3 q / k for fp8_attention: x / scale, clamped, cast (scale = 1 / inv)
@@ -159,12 +159,15 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
     """Write RMSNorm(q_h) * wq, RMSNorm(k_h) * wk and v_h of qkv [B*L, 3*heads*hd] into q, k, v [B, heads, Ltot, hd]
     at sequence positions offset .. offset+L. wq / wk: RMSNorm weights [hd], or None (no norm). q and k may be
     float8_e4m3fn buffers (v stays in the model dtype): then q / q_scale and k / k_scale are stored, clamped to
-    +-448 (fp8_attention's per-tensor dequant scales; static ones come from fast.qk_fp8_scale). v_amax: an fp32 [1]
-    tensor that is raised to max |v| of what is written (the caller zeroes it once for all streams)."""
+    +-448 (fp8_attention's per-tensor dequant scales; static ones come from fast.qk_fp8_scale). v_amax: fp32 [B]
+    (or [1]), raised to max |v| of what is written for each batch row (or over all of them; the caller zeroes it once
+    for all streams)."""
     fn = "qk_norm_split"
     _check(fn, qkv, B, L, heads, hd, wq, wk, q, k, v, offset)
-    if v_amax is not None and (v_amax.dtype != torch.float32 or v_amax.numel() != 1):
-        raise InputError(f"{fn}: v_amax must be a 1-element fp32 tensor, got {v_amax.dtype} {tuple(v_amax.shape)}")
+    if v_amax is not None and (v_amax.dtype != torch.float32 or v_amax.numel() not in (1, B)
+                               or not v_amax.is_contiguous()):
+        raise InputError(f"{fn}: v_amax must be a contiguous fp32 tensor of B = {B} or 1 elements, got "
+                         f"{v_amax.dtype} {tuple(v_amax.shape)}")
     dev = check_device(fn, qkv, wq, wk, q, k, v, v_amax, fp8=False)
     if q.dtype != k.dtype:
         raise InputError(f"{fn}: q is {q.dtype} but k is {k.dtype}; the buffers share one dtype")
@@ -183,8 +186,8 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
         _qk_norm_kernel[grid](
             qkv, wq if wq is not None else qkv, wk if wk is not None else qkv, q, k, v,
             v_amax if v_amax is not None else qkv,
-            L, heads, offset, qkv.stride(0), q.stride(0), q.stride(1), q.stride(2), float(eps), 1.0 / q_scale,
-            1.0 / k_scale,
+            L, heads, offset, int(v_amax is not None and v_amax.numel() == B), qkv.stride(0), q.stride(0), q.stride(1),
+            q.stride(2), float(eps), 1.0 / q_scale, 1.0 / k_scale,
             HD=hd, BLOCK_D=next_pow2(hd), HAS_WQ=wq is not None, HAS_WK=wk is not None,
             WQ_LOWP=wq_lowp, WQ_DT=wq_dt, WK_LOWP=wk_lowp, WK_DT=wk_dt, X_DT=x_dt, O_DT=o_dt,
             ROUND_FIRST=interpreting(), EVEN_D=next_pow2(hd) == hd, HAS_VMAX=v_amax is not None,
@@ -217,7 +220,8 @@ def qk_norm_split_ref(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq
         buf[:, :, offset : offset + L] = y
     v[:, :, offset : offset + L] = vh
     if v_amax is not None:
-        torch.maximum(v_amax, vh.abs().amax().float().reshape(1), out=v_amax)
+        m = vh.abs().amax(dim=(1, 2, 3)).float() if v_amax.numel() == B else vh.abs().amax().float().reshape(1)
+        torch.maximum(v_amax, m.reshape(v_amax.shape), out=v_amax)
 
 
 if __name__ == "__main__":

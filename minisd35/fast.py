@@ -85,8 +85,8 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, 
                   v_amax: torch.Tensor | None = None) -> None:
     """qkv [B*L, 3*H*hd] -> q, k (RMS-normalised per head) and v written into the attention buffers [B, H, Ltot,
     hd] at sequence positions offset..offset+L. One pass on CUDA; the reference does what mmdit.Attention does.
-    E4M3 q / k buffers receive q / q_scale and k / k_scale, clamped to +-448; v_amax (fp32 [1]) is raised to max
-    |v| of this stream."""
+    E4M3 q / k buffers receive q / q_scale and k / k_scale, clamped to +-448; v_amax (fp32 [B]) is raised to max
+    |v| of this stream, per batch row."""
     if _triton_ok(qkv):  # SD3 Medium has no QK-norm (Identity): the kernel then only splits
         from kernels.qk_norm import qk_norm_split as kern
 
@@ -98,7 +98,7 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, ln_q, 
         buf[:, :, offset : offset + L] = to_e4m3(y, 1.0 / scale) if buf.dtype == E4M3 else y  # as the kernel
     v[:, :, offset : offset + L] = vh
     if v_amax is not None:
-        torch.maximum(v_amax, vh.abs().amax().float().reshape(1), out=v_amax)
+        torch.maximum(v_amax, vh.abs().amax(dim=(1, 2, 3)).float().reshape(v_amax.shape), out=v_amax)
 
 
 def gated_residual(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, rows: int) -> torch.Tensor:
@@ -148,7 +148,8 @@ def qk_fp8_scale(norm: nn.Module) -> float | None:
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
                   k_scale: torch.Tensor, v_amax: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over E4M3 q8, k8 [B, H, L, hd] (dequant scales q_scale, k_scale: fp32 [1]) and v in the model
-    dtype, which is quantised here per tensor (scale = amax / 448; v_amax: max |v| if known, fp32 [1]). CUDA:
+    dtype, which is quantised here with one scale per batch row (scale = amax / 448; v_amax: max |v| per row if
+    known, fp32 [B]), so that no image's rounding depends on the rest of the batch. CUDA:
     kernels/fp8_attention.py, Q K^T and P V on FP8 tensor cores. Elsewhere: the same operands dequantised, exact
     softmax in fp32 with P rounded to E4M3 as the kernel rounds it (fp8_softmax_pv)."""
     if _triton_ok(q8):
@@ -156,8 +157,8 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v: torch.Tensor, q_scale: 
 
         vt, v_scale = v_fp8_transposed(v, v_amax)
         return attention(q8, k8, vt, q_scale, k_scale, v_scale, v_transposed=True)
-    v8, v_scale = quantize_act(v, per_token=False, scale=None if v_amax is None else amax_scale(v_amax))
-    qf, kf, vf = q8.float() * q_scale, k8.float() * k_scale, v8.float() * v_scale
+    v_scale = amax_scale(v.abs().amax(dim=(1, 2, 3)) if v_amax is None else v_amax).view(-1, 1, 1, 1)
+    qf, kf, vf = q8.float() * q_scale, k8.float() * k_scale, to_e4m3(v, 1.0 / v_scale).float() * v_scale
     return fp8_softmax_pv(qf, kf, vf).to(v.dtype)
 
 
@@ -381,7 +382,7 @@ class FastMMDiT(nn.Module):
         Ltot = Li + Lt
         sc = self.fp8_scales(xb.attn, cb.attn)
         q, k, v = self.buffers(B, H, Ltot, hd, x, sc)
-        vmax = None if sc is None else torch.zeros(1, dtype=torch.float32, device=x.device)
+        vmax = None if sc is None else torch.zeros(B, dtype=torch.float32, device=x.device)
         self.qkv(xb.attn, x, shift_msa, scale_msa, Li, q, k, v, 0, sc, vmax)
         self.qkv(cb.attn, e, em[0], em[1], Lt, q, k, v, Li, sc, vmax)
         out = self.attend(q, k, v, sc, f"joint_blocks.{i}", (xb.attn, cb.attn), vmax)
@@ -393,7 +394,7 @@ class FastMMDiT(nn.Module):
             shift2, scale2, gate2 = xm[6:]
             sc2 = self.fp8_scales(xb.attn2)
             q2, k2, v2 = self.buffers(B, H, Li, hd, x, sc2)
-            vmax2 = None if sc2 is None else torch.zeros(1, dtype=torch.float32, device=x.device)
+            vmax2 = None if sc2 is None else torch.zeros(B, dtype=torch.float32, device=x.device)
             self.qkv(xb.attn2, x_in, shift2, scale2, Li, q2, k2, v2, 0, sc2, vmax2)
             o2 = self.attend(q2, k2, v2, sc2, f"joint_blocks.{i}.x_block.attn2", (xb.attn2,), vmax2)
             o2 = o2.transpose(1, 2)

@@ -66,6 +66,26 @@ def test_fp8_attention_matches_its_reference(shape, variant, mode):
     assert 1e-2 < err < 0.15
 
 
+@pytest.mark.parametrize("variant", ["ptr", "tma"])
+def test_fp8_attention_of_a_batch_equals_its_rows(variant):
+    """V gets one scale per batch row (v_fp8_transposed, and the kernel reads v_scale[b]), so each image's output is
+    what it would be alone, bit for bit: a batch (or a CFG pair) does not couple the images' roundings. The rows get
+    different V ranges here, so one scale for the batch would round them differently."""
+    q, k, v = qkv(2, 2, 37, 64, seed=7)
+    v = v * torch.tensor([1.0, 5.0]).view(2, 1, 1, 1).bfloat16()
+    q8, k8, _, qs, ks, _, _ = prepare_fp8(q, k, v)
+    vt, vs = v_fp8_transposed(v.to(DEV))
+    assert vs.shape == (2,) and vs[1] > 4 * vs[0]
+    both = attention(q8, k8, vt, qs, ks, vs, v_transposed=True, variant=variant)
+    for b in range(2):
+        vt1, vs1 = v_fp8_transposed(v[b : b + 1].to(DEV))
+        one = attention(q8[b : b + 1], k8[b : b + 1], vt1, qs, ks, vs1, v_transposed=True, variant=variant)
+        assert torch.equal(vs1.cpu(), vs[b : b + 1].cpu())
+        assert torch.equal(one.float().cpu(), both[b : b + 1].float().cpu())
+    # the reference reads the per-row scales the same way
+    assert rel_rms(both, attention_ref(q8, k8, vt, qs, ks, vs, v_transposed=True)) < 2e-2
+
+
 def test_fp8_pv_promotion_and_mma_accumulation_agree():
     q, k, v = qkv(1, 2, 53, 64, seed=3)
     args = prepare_fp8(q, k, v)
@@ -92,9 +112,16 @@ def test_v_fp8_transposed_is_bit_exact_and_saturates():
     assert vt.shape == (2, 3, 64, padded_len(37)) == (2, 3, 64, 48) and vt.dtype == E4M3
     assert torch.equal(s.cpu(), s_ref.cpu())
     assert torch.equal(codes(vt), codes(vt_ref))  # the padding columns 37..47 included: zeros in both
+    assert s.shape == (2,)  # one scale per batch row
     # strided input (fast.py's "blhd" layout), and amax given (as qk_norm_split gathers it): the same codes
-    vt2, s2 = v_fp8_transposed(v.transpose(1, 2).contiguous().transpose(1, 2), v.float().abs().amax().reshape(1))
+    strided = v.transpose(1, 2).contiguous().transpose(1, 2)
+    vt2, s2 = v_fp8_transposed(strided, v.float().abs().amax(dim=(1, 2, 3)))
     assert torch.equal(codes(vt2), codes(vt_ref)) and torch.equal(s2.cpu(), s_ref.cpu())
+    # one amax for the whole batch: one scale, as the reference does it
+    one = v.float().abs().amax().reshape(1)
+    vt1, s1 = v_fp8_transposed(strided, one)
+    vt1_ref, s1_ref = v_fp8_transposed_ref(v, one)
+    assert s1.shape == (1,) and torch.equal(s1.cpu(), s1_ref.cpu()) and torch.equal(codes(vt1), codes(vt1_ref))
     # an amax below the true one: values beyond the grid clamp to +-448, never NaN (0x7F / 0xFF)
     vt3, _ = v_fp8_transposed(v, v.float().abs().amax().reshape(1) / 4)
     c = codes(vt3)
@@ -181,9 +208,16 @@ def test_qk_norm_split_writes_e4m3_with_static_scales(hd):
     for a, b in zip(bufs[:2], bufs[3:5]):
         assert torch.equal(codes(a), codes(b))
     assert torch.equal(bufs[2].cpu(), bufs[5].cpu())
-    # v_amax is raised to max |v| of this stream's v (the third of each qkv row)
-    v_true = qkv_.view(B, L, 3, H, hd)[:, :, 2].float().abs().max()
-    assert amax[0].item() == amax[1].item() == v_true.item() > 0.5
+    # v_amax is raised to max |v| of this stream's v (the third of each qkv row): over all rows for a [1] amax,
+    # per batch row for a [B] one (the per-image V scales of fp8_attention)
+    v_abs = qkv_.view(B, L, 3, H, hd)[:, :, 2].float().abs()
+    assert amax[0].item() == amax[1].item() == v_abs.max().item() > 0.5
+    amax_b = [torch.full((B,), 0.5, device=DEV) for _ in range(2)]
+    qk_norm_split(qkv_, B, L, H, hd, w, w, 1e-6, *bufs[:3], off, sq, sq, amax_b[0])
+    qk_norm_split_ref(qkv_, B, L, H, hd, w, w, 1e-6, *bufs[3:], off, sq, sq, amax_b[1])
+    per_row = v_abs.amax(dim=(1, 2, 3)).clamp_min(0.5)
+    assert torch.equal(amax_b[0].cpu(), per_row) and torch.equal(amax_b[1].cpu(), per_row)
+    assert per_row[0] != per_row[1]
     # dequantised, q is RMSNorm(q) * w to E4M3 precision, and the static bound leaves it inside the grid
     q_bf = torch.zeros(B, H, Ltot, hd, dtype=torch.bfloat16, device=DEV)
     qk_norm_split_ref(qkv_, B, L, H, hd, w, w, 1e-6, q_bf, q_bf.clone(), q_bf.clone(), off)
@@ -289,7 +323,8 @@ class Ada:  # what the pre-Hopper prune reads from its q argument: an sm89 CUDA 
 A.capability = lambda dev: (8, 9)
 def strides(*names):
     return {n: "i32" for n in names}
-common = {"o_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "sm_scale": "fp32", "L": "i32",
+common = {"o_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "vs_stride": "i32",
+          "sm_scale": "fp32", "L": "i32",
           "H": "i32", **strides("stride_qb", "stride_qh", "stride_ql", "stride_ob", "stride_oh", "stride_ol")}
 ptr_sig = {**common, **strides("stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh", "stride_vl",
                                "stride_vd")}
@@ -311,7 +346,7 @@ for mode, qdt, vdt, vt in [("bf16", "bf16", "bf16", False), ("fp8", "fp8e4nv", "
                 "v_desc": f"tensordesc<{vdt}[64, {bn}]>" if vt else f"tensordesc<{vdt}[{bn}, 64]>"}
         build(f"ws {mode} {cfg}", A._attn_tma_kernel, tsig, {**consts, "WARP_SPEC": True}, cfg=cfg)
 build("v_fp8_t", A._v_fp8_t_kernel, {"v_ptr": "*bf16", "vt_ptr": "*fp8e4nv", "amax_ptr": "*fp32",
-      "scale_ptr": "*fp32", "L": "i32", "Lp": "i32", "H": "i32",
+      "scale_ptr": "*fp32", "amax_stride": "i32", "L": "i32", "Lp": "i32", "H": "i32",
       **strides("stride_vb", "stride_vh", "stride_vl", "stride_tb", "stride_th", "stride_td")},
       dict(HD=64, ROUND_FIRST=False, BLOCK_L=A.V_BLOCK_L), warps=4)
 '''

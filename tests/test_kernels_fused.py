@@ -312,8 +312,9 @@ def test_fp8_gemm_variant_arguments():
 
 _AOT_SCRIPT = r'''
 qk_sig = {"qkv_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
-          "vmax_ptr": "*fp32", "v_ptr": "*bf16", "L": "i32", "heads": "i32", "offset": "i32", "stride_row": "i32",
-          "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32", "eps": "fp32", "q_inv": "fp32", "k_inv": "fp32"}
+          "vmax_ptr": "*fp32", "v_ptr": "*bf16", "L": "i32", "heads": "i32", "offset": "i32", "vmax_stride": "i32",
+          "stride_row": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_ol": "i32", "eps": "fp32",
+          "q_inv": "fp32", "k_inv": "fp32"}
 qk = dict(HD=64, BLOCK_D=64, WQ_DT=tl.bfloat16, WK_DT=tl.bfloat16, X_DT=tl.bfloat16, O_DT=tl.bfloat16,
           ROUND_FIRST=False, EVEN_D=True, HAS_VMAX=False)
 for cfg in qk_norm.QK_CONFIGS[:2]:

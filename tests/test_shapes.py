@@ -137,9 +137,7 @@ def test_generate_equals_pipeline_calls():
         single = [pipe(p, seed=s, steps=3, guidance=4.0)[0] for p, s in zip(prompts, seeds)]
         for a, b in zip(batched, single):
             diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
-            # FP8 attention quantises V with one scale per call, shared by the whole batch, so a batch of two
-            # rounds V differently from one image alone: equal up to that, not to the last level
-            assert (diff <= 1).mean() > (0.999 if attention == "auto" else 0.98)
+            assert (diff <= 1).mean() > 0.999  # FP8 attention too: its V scales are per batch row
         drawn[attention] = np.stack([np.asarray(im, dtype=np.int16) for im in batched])
     assert np.abs(drawn["fp8"] - drawn["auto"]).max() > 1
 
