@@ -293,12 +293,12 @@ def _v_fp8_t_kernel(v_ptr, vt_ptr, amax_ptr, scale_ptr, amax_stride, L, Lp, H, s
                     stride_tb, stride_th, stride_td, HD: tl.constexpr, ROUND_FIRST: tl.constexpr,
                     BLOCK_L: tl.constexpr):
     """v [B, H, L, hd] (model dtype) -> vt [B, H, hd, Lp] E4M3 = v / scale, clamped, with scale = max(amax, floor) /
-    448 from amax[b * amax_stride] (one per batch row, or one for all; program (0, b, h = 0) also stores it, for
-    the attention kernel). BLOCK_L tokens of one
-    head per program: read as [BLOCK_L, hd] rows (16-byte loads), transposed in registers / shared memory, written
-    as hd rows of BLOCK_L bytes. The store mask runs to Lp (a multiple of 16; the padding gets zeros), so that the
-    compiler can prove 16-byte alignment and write 16 bytes per instruction: with the mask at L (odd at SD3.5's
-    4429 tokens) it wrote one byte per instruction and took 154 us per call at Large's shape (H200, session 9)."""
+    448 from amax[b * amax_stride] (one per batch row, or one for all; program (0, b, h = 0) also stores it, for the
+    attention kernel). BLOCK_L tokens of one head per program: read as [BLOCK_L, hd] rows (16-byte loads),
+    transposed in registers / shared memory, written as hd rows of BLOCK_L bytes. The store mask runs to Lp (a
+    multiple of 16; the padding gets zeros), so that the compiler can prove 16-byte alignment and write 16 bytes per
+    instruction: with the mask at L (odd at SD3.5's 4429 tokens) it wrote one byte per instruction and took 154 us
+    per call at Large's shape (H200, session 9)."""
     pid_l, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     tok = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
