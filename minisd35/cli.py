@@ -65,7 +65,9 @@ def save_png(image, path: Path, params: dict, force: bool) -> Path:
     p = params
     text = (f"{p['prompt']}\nNegative prompt: {p['negative_prompt']}\nSteps: {p['steps']}, Sampler: {p['sampler']}, "
             f"CFG scale: {p['guidance']}, Seed: {p['seed']}, Size: {p['width']}x{p['height']}, Model: {p['model']}, "
-            f"Precision: {p['precision']}, Version: minisd35 {__version__}")
+            f"Precision: {p['precision']}, "
+            + "".join(f"{k.capitalize()}: {p[k]}, " for k in ("attention", "accumulation") if k in p)
+            + f"Version: minisd35 {__version__}")
     info = PngInfo()
     info.add_text("parameters", text)
     info.add_text("minisd35", json.dumps(p))

@@ -582,6 +582,23 @@ def test_same_seed_same_png_and_counter_names(tmp_path, capsys, root):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-1.png", "out.png"]
 
 
+def test_speed_options_are_recorded_in_the_png(tmp_path, capsys, root):
+    """generate --attention fp8 --fast-accum: the PNG's parameters say so (text and JSON), and its pixels differ
+    from the default run's (the options reached the denoiser)."""
+    import json
+
+    from PIL import Image
+
+    base = ["generate", "a red cube", "--weights", root, "-H", 32, "-W", 32, "--steps", 2, "--seed", 5]
+    assert run_cli(capsys, *base, "-o", tmp_path / "a.png")[0] == 0
+    assert run_cli(capsys, *base, "--attention", "fp8", "--fast-accum", "-o", tmp_path / "b.png")[0] == 0
+    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
+    assert "Attention" not in a.info["parameters"]
+    assert "Attention: fp8, Accumulation: fast" in b.info["parameters"]
+    assert json.loads(b.info["minisd35"])["attention"] == "fp8"
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_batch_equals_single_runs(pipe):
     """batch_size=2 with seed s draws seeds s and s+1: the same latents (bit for bit, bf16) and images as two single
     runs. (In float32 on this CPU the batched GEMMs differ from the single ones in the last bits, ~4e-6 absolute:
