@@ -384,7 +384,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.
                          f"{tuple(out.shape)} strides {out.stride()}")
     has_scales = q_scale is not None
     scales = (q_scale, k_scale, v_scale) if has_scales else (q, q, q)  # without scales: unused pointers
-    vs_stride = int(has_scales and v_scale.numel() == B and B > 1)
+    vs_stride = int(has_scales and v_scale.numel() > 1)  # [B] (checked) or one for all
     sm = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(hd)
     flags = dict(HD=hd, HAS_SCALES=has_scales, PV_FP8=v.dtype == FP8, V_T=v_transposed, PROMOTE=pv_promote,
                  DOT_F32=interpreting(), ROUND_FIRST=interpreting())
@@ -467,7 +467,7 @@ def v_fp8_transposed(v: torch.Tensor, amax: torch.Tensor | None = None) -> tuple
     scale = torch.empty(amax.numel(), dtype=torch.float32, device=v.device)
     with on_device(dev):
         _v_fp8_t_kernel[(triton.cdiv(Lp, V_BLOCK_L), B * H)](
-            v, vt, amax, scale, int(amax.numel() == B and B > 1), L, Lp, H, *v.stride()[:3], *vt.stride()[:3],
+            v, vt, amax, scale, int(amax.numel() > 1), L, Lp, H, *v.stride()[:3], *vt.stride()[:3],
             HD=hd, ROUND_FIRST=interpreting(), BLOCK_L=V_BLOCK_L, num_warps=4)
     return vt, scale
 

@@ -186,7 +186,7 @@ def qk_norm_split(qkv: torch.Tensor, B: int, L: int, heads: int, hd: int, wq: to
         _qk_norm_kernel[grid](
             qkv, wq if wq is not None else qkv, wk if wk is not None else qkv, q, k, v,
             v_amax if v_amax is not None else qkv,
-            L, heads, offset, int(v_amax is not None and v_amax.numel() == B), qkv.stride(0), q.stride(0), q.stride(1),
+            L, heads, offset, int(v_amax is not None and v_amax.numel() > 1), qkv.stride(0), q.stride(0), q.stride(1),
             q.stride(2), float(eps), 1.0 / q_scale, 1.0 / k_scale,
             HD=hd, BLOCK_D=next_pow2(hd), HAS_WQ=wq is not None, HAS_WK=wk is not None,
             WQ_LOWP=wq_lowp, WQ_DT=wq_dt, WK_LOWP=wk_lowp, WK_DT=wk_dt, X_DT=x_dt, O_DT=o_dt,
