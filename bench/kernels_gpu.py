@@ -508,9 +508,8 @@ def _gemv_bitcast_sweep():
     return [FMA_GEMV_BITCAST_CONFIG, FMA_GEMV_CONFIG] + others
 
 
-def fma_gemv_fixed(cfg, bitcast: bool = False, slots: int | None = None):
-    """dequant_gemm's FMA GEMV launched with one config, bias and per-channel scale (bitcast: uint8 codes; slots:
-    fma_gemv_launch's row balancing, 0 = off)."""
+def fma_gemv_fixed(cfg, bitcast: bool = False):
+    """dequant_gemm's FMA GEMV launched with one config, bias and per-channel scale (bitcast: uint8 codes)."""
     from kernels import fp8_dequant_gemm as D
 
     def f(x, w, s, bias, out_dtype=torch.bfloat16):
@@ -518,7 +517,7 @@ def fma_gemv_fixed(cfg, bitcast: bool = False, slots: int | None = None):
         N = w.shape[0]
         out = torch.empty(M, N, dtype=out_dtype, device=x.device)
         args = (x, w, out, s, bias, M, N, K, x.stride(0), w.stride(0), out.stride(0))
-        D.fma_gemv_launch(cfg, args, M, N, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast), slots=slots)
+        D.fma_gemv_launch(cfg, args, M, N, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast))
         return out
 
     return f
@@ -561,9 +560,7 @@ def bench_gemv(b: Bench) -> dict:
         rows.append({"case": name, "N": N, "K": K, "impl": "bf16 F.linear", "calls": R, "ms": base,
                      "weight_GBps": 2 * N * K / base * 1e-6})
         print(f"  {rows[-1]}", flush=True)
-        impls = [("dequant_gemm", str(D.fma_gemv_config(K)), dequant_gemm),
-                 ("dequant_gemm rows unbalanced", str(D.fma_gemv_config(K)), fma_gemv_fixed(D.fma_gemv_config(K),
-                                                                                            slots=0))]
+        impls = [("dequant_gemm", str(D.fma_gemv_config(K)), dequant_gemm)]
         impls += [("fixed config", str(c), fma_gemv_fixed(c)) for c in _gemv_sweep()]
         # the uint8 path of GPUs without an fp8 type (sm80/86), forced here: its own config, and the candidates
         codes = lambda f: lambda x, w, s, bias: f(x, w.view(torch.uint8), s, bias)  # noqa: E731

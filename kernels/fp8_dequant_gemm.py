@@ -66,7 +66,6 @@ programs stream the weight at once. Two autotuned config sets (same kernel): GEM
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -124,6 +123,12 @@ GEMM_CONFIGS = [
 # fixed choice, not autotuned: Triton's autotuner, timing eager calls, picked configs 3.5-5.7% slower per layer in
 # two of three runs (a 13 us kernel's eager timing does not separate them). Rows wider than 4096 (no
 # M <= 4 layer of SD3.5 has them) take the 8 x 256 config, 2 warps (no spills to K = 8192; not timed there).
+# Tried and removed (GPU session 11): a per layer GEMV is one partial wave (Large: 456 programs of 32 rows on 132
+# SMs x 4 slots, so 60 SMs stream 128 rows and 72 stream 96), and giving each program ceil(N / 528) rows instead
+# (28; the last lanes clamped, not masked, which spilled) evens the SMs out to 1.3% - and changed nothing: 13.06
+# vs 13.10 us (Large), 9.39 vs 9.26 us (Medium). The SMs with less to do leave their share of DRAM bandwidth to
+# the others; what the per-layer call pays beyond its bytes (~3.5 us at the one GEMV's 3.8 TB/s) is the wave's
+# ramp and drain, which only overlapping consecutive kernels (programmatic dependent launch) would hide.
 FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
 FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)
 # decoding uint8 codes by hand (bitcast=True) needs more registers: under the cap 32 x 128 spills (112 bytes, sm80),
@@ -244,7 +249,7 @@ def _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, k0, offs_k, zer
 
 
 @triton.jit
-def _gemv_store(acc, row: tl.constexpr, offs_n, rn, live, out_ptr, stride_om, w_scale_ptr, bias_ptr,
+def _gemv_store(acc, row: tl.constexpr, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr,
                 W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr):
     # _epilogue's scale / bias / store on a 1-D row. Not _epilogue itself on a [1, BLOCK_N] tile: compiled for sm90
     # that took the 16 x 256 config (the one the H200 autotuner picked for SD3.5 Large) from 128 to 255 registers
@@ -255,16 +260,15 @@ def _gemv_store(acc, row: tl.constexpr, offs_n, rn, live, out_ptr, stride_om, w_
         y = y * tl.load(w_scale_ptr)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
 def _dequant_gemv_kernel(
     x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
-    M, N, K, stride_xm, stride_wn, stride_om, rows_per_prog,
+    M, N, K, stride_xm, stride_wn, stride_om,
     W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, ROWS: tl.constexpr,
     K_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BALANCED: tl.constexpr,
 ):
     """ROWS = M <= 4 tokens, fp32 FMAs, no tensor cores. A GEMV is a stream over the weight: the kernel is fast
     exactly when enough weight bytes are in flight to cover the memory latency (~27 KB per SM on an H200: 4.8 TB/s
@@ -273,19 +277,9 @@ def _dequant_gemv_kernel(
     so the compiler issues all of a row's loads before the first multiply, and each thread keeps K / BLOCK_K
     16-byte loads in flight instead of one. The products stay elementwise in one fp32 [BLOCK_N, BLOCK_K] tile per
     token (no reduction inside the loop, whose shuffles would serialise the tiles again); one sum at the end.
-    (The first version reduced every tile and looped at run time: ~1.2 TB/s of weight, GPU session 2.)
-    BALANCED: the program owns rows_per_prog <= BLOCK_N rows, which fma_gemv_launch picks so that a one-wave grid
-    puts the same number of rows on every SM. The lanes past them re-read the program's last row (the same
-    addresses in the same warp: no extra DRAM traffic) and are not stored; masking their loads instead costs
-    registers (compiled for sm90 under the 128 cap: 16 bytes of spills)."""
-    if BALANCED:
-        lane = tl.arange(0, BLOCK_N)
-        offs_n = tl.program_id(0) * rows_per_prog + tl.minimum(lane, rows_per_prog - 1)
-        live = (lane < rows_per_prog) & (offs_n < N)
-    else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = offs_n < N
-    rn = offs_n % N  # wrapped: always a valid row for the scale / bias loads; rows not live are not stored
+    (The first version reduced every tile and looped at run time: ~1.2 TB/s of weight, GPU session 2.)"""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N  # wrapped: the loads need no N mask, the extra rows are not stored
     # 0 .. BLOCK_K-1 written so that the compiler sees runs of 8 contiguous columns, not BLOCK_K: the weight tile
     # is then loaded 8 codes (8 bytes) per thread and access, the same register layout as 8 bf16 values of x (16
     # bytes, the widest load), so the two tiles meet in registers without a layout conversion
@@ -301,13 +295,13 @@ def _dequant_gemv_kernel(
                                             zero_n, K, ROWS, BITCAST, False)
     acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, (K_TILES - 1) * BLOCK_K,
                                         offs_k, zero_n, K, ROWS, BITCAST, not EVEN_K)  # the last, masked if K % BLOCK_K
-    _gemv_store(acc0, 0, offs_n, rn, live, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+    _gemv_store(acc0, 0, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
     if ROWS > 1:
-        _gemv_store(acc1, 1, offs_n, rn, live, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+        _gemv_store(acc1, 1, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
     if ROWS > 2:
-        _gemv_store(acc2, 2, offs_n, rn, live, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+        _gemv_store(acc2, 2, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
     if ROWS > 3:
-        _gemv_store(acc3, 3, offs_n, rn, live, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
+        _gemv_store(acc3, 3, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
 
 
 @triton.jit
@@ -381,46 +375,10 @@ def fma_gemv_config(K: int, bitcast: bool = False) -> triton.Config:
 _fma_gemv = _even_k(_k_tiles(_dequant_gemv_kernel))
 
 
-def fma_gemv_launch(cfg: triton.Config, args: tuple, M: int, N: int, flags: dict, slots: int | None = None) -> None:
-    """Launch the FMA GEMV with one config; args as _dequant_gemv_kernel takes them, up to stride_om.
-
-    slots: how many programs run at once (None: from the device, see _gemv_slots; 0: no balancing). Where all of
-    N fits in one wave of programs, each program gets ceil(N / slots) rows instead of BLOCK_N, so that every SM
-    streams the same share of the weight. SD3.5 Large's adaLN layer (N = 14592) in 32-row programs is 456
-    programs on 132 SMs x 4 slots: 60 SMs stream 128 rows and 72 stream 96, and the kernel lasts as long as the
-    busiest SM, 16% above an even split (Medium, N = 13824: 22%). With 28 rows per program (522 programs) the
-    busiest SM has 1.3% above the mean. Many waves (the one GEMV over all adaLN weights) are left as they are:
-    there the last wave's imbalance is a small part of the time."""
+def fma_gemv_launch(cfg: triton.Config, args: tuple, M: int, N: int, flags: dict) -> None:
+    """Launch the FMA GEMV with one config; args as _dequant_gemv_kernel takes them, up to stride_om."""
     opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
-    block_n = cfg.kwargs["BLOCK_N"]
-    slots = _gemv_slots(args[0].device, cfg) if slots is None else slots
-    rows = -(-N // slots) if slots else block_n
-    balanced = rows < block_n
-    rows = rows if balanced else block_n
-    _fma_gemv[(triton.cdiv(N, rows),)](*args, rows, ROWS=M, **flags, BALANCED=balanced, **cfg.kwargs, **opts)
-
-
-def _gemv_slots(dev: torch.device, cfg: triton.Config) -> int:
-    """How many programs of this config run at once on the device (0 when unknown: under the interpreter, or a
-    config without a register cap, whose register count only the compiler knows)."""
-    if dev.type != "cuda" or interpreting() or not cfg.maxnreg:
-        return 0
-    sms, regs, threads = _sm_resources(dev.index if dev.index is not None else torch.cuda.current_device())
-    return programs_at_once(sms, regs, threads, cfg.maxnreg, cfg.num_warps)
-
-
-def programs_at_once(sms: int, regs_per_sm: int, threads_per_sm: int, maxnreg: int, num_warps: int) -> int:
-    """Resident programs per SM, times SMs: an SM's registers and thread slots divided by one program's (shared
-    memory is not a limit for the GEMV, which uses none)."""
-    threads = 32 * num_warps
-    return sms * min(regs_per_sm // (maxnreg * threads), threads_per_sm // threads)
-
-
-@functools.cache
-def _sm_resources(index: int) -> tuple[int, int, int]:
-    p = torch.cuda.get_device_properties(index)
-    return (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
-            getattr(p, "max_threads_per_multi_processor", 2048))
+    _fma_gemv[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](*args, ROWS=M, **flags, **cfg.kwargs, **opts)
 _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS),
                         key=["N", "K", "BITCAST"])(_mma)

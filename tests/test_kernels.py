@@ -288,44 +288,6 @@ def test_dequant_gemv_paths_agree(path):
             assert rel_rms(_dequant_gemm(x, w, sw, bias, bitcast, path), dequant_gemm_ref(x, w, sw, bias)) < 1e-3
 
 
-@pytest.mark.parametrize("bitcast", [False, True])
-@pytest.mark.parametrize("M,K,N,slots", [(2, 100, 45, 4), (3, 64, 61, 5), (1, 72, 16, 16), (4, 100, 200, 3)])
-def test_fma_gemv_balanced_rows(bitcast, M, K, N, slots):
-    # fma_gemv_launch(slots=S) spreads N rows over at most S programs of ceil(N / S) rows each where that is fewer
-    # than BLOCK_N (16 under the interpreter): (45, 4) -> 12 rows per program, the last 9 of its 12 live; (61, 5)
-    # -> 13; (16, 16) -> 1 row each; (200, 3) -> 67 > 16, so the plain BLOCK_N-row tiling. Every row exactly once.
-    from kernels import fp8_dequant_gemm as D
-
-    x = randn(M, K, dtype=torch.bfloat16, seed=N)
-    w, sw = quant_fp8_ref(randn(N, K, scale=0.05, seed=K))
-    bias = randn(N, dtype=torch.bfloat16, seed=5)
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)  # a row never written stays NaN
-    args = (x, w.view(torch.uint8) if bitcast else w, out, sw, bias, M, N, K, x.stride(0), w.stride(0), out.stride(0))
-    D.fma_gemv_launch(D.fma_gemv_config(K, bitcast), args, M, N, dict(W_PER_COL=True, HAS_BIAS=True,
-                      BITCAST=bitcast), slots=slots)
-    assert not out.isnan().any()
-    assert rel_rms(out, dequant_gemm_ref(x, w, sw, bias)) < 1e-2  # bf16 output (the interpreter truncates it)
-    # the same as the plain tiling to the last bit: each row's sum is the same sequence of operations
-    plain = torch.empty_like(out)
-    D.fma_gemv_launch(D.fma_gemv_config(K, bitcast), (*args[:2], plain, *args[3:]), M, N,
-                      dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast), slots=0)
-    assert torch.equal(out, plain)
-
-
-def test_gemv_programs_at_once():
-    from kernels.fp8_dequant_gemm import FMA_GEMV_CONFIG, _gemv_slots, programs_at_once
-
-    # H200 / H100 SXM (132 SMs, 64K registers, 2048 threads): 4 warps capped at 128 registers -> 65536 / (128 *
-    # 128) = 4 per SM (threads would allow 16); RTX 3090 (82 SMs, 1536 threads): also 4, by registers. 8 warps on
-    # an RTX 4090 (128 SMs, 1536 threads): at 64 registers 65536 / (64 * 256) = 4 by registers; at 32 registers
-    # registers would allow 8, threads 1536 / 256 = 6
-    assert programs_at_once(132, 65536, 2048, 128, 4) == 528
-    assert programs_at_once(82, 65536, 1536, 128, 4) == 328
-    assert programs_at_once(128, 65536, 1536, 64, 8) == 512
-    assert programs_at_once(128, 65536, 1536, 32, 8) == 128 * 6  # 8 by registers, 6 by threads
-    assert _gemv_slots(torch.device("cpu"), FMA_GEMV_CONFIG) == 0  # no GPU (or the interpreter): no balancing
-
-
 def test_dequant_gemm_uint8_weight_and_per_tensor_scale():
     x = randn(5, 72, dtype=torch.float16, seed=20)
     w, sw = quant_fp8_ref(randn(40, 72, scale=0.05, seed=21), per_token=False)
@@ -433,7 +395,7 @@ build("gemm sm89", fp8_gemm._fp8_gemm_kernel, g_sig, dict(A_PER_ROW=True, W_PER_
 
 d_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
          "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
-         "M_BUCKET": "i32", "rows_per_prog": "i32"}
+         "M_BUCKET": "i32"}
 gemv, gemm = fp8_dequant_gemm.GEMV_CONFIGS, fp8_dequant_gemm.GEMM_CONFIGS
 swap = lambda cfgs, s: next(c for c in cfgs if c.kwargs["SWAP_AB"] == s)
 for cfg in (swap(gemv, True), swap(gemv, False), swap(gemm, True), swap(gemm, False)):  # each code path once
@@ -446,18 +408,15 @@ fma_cases = [(D.FMA_GEMV_CONFIG, K, False, 90) for K in (1536, 2432, D.FMA_WIDE_
 fma_cases += [(D.FMA_GEMV_BITCAST_CONFIG, K, True, 80) for K in (1536, 2432, D.FMA_WIDE_K)]
 fma_cases += [(D.FMA_GEMV_WIDE_CONFIG, K, bc, arch) for K in (D.FMA_WIDE_K + 16, D.FMA_MAX_K)
               for bc, arch in ((False, 90), (True, 80))]
-fma_cases += [(D.FMA_GEMV_CONFIG, K, False, 90, True) for K in (1536, 2432)]  # one-wave layers: rows balanced
-for cfg, K, bitcast, arch, *balanced in fma_cases:  # SD3.5's adaLN widths and each config's widest rows
-    bk, bal = cfg.kwargs["BLOCK_K"], bool(balanced)
-    build(f"dequant FMA GEMV {cfg.kwargs} maxnreg={cfg.maxnreg} K={K} bitcast={bitcast} balanced={bal}",
-          D._dequant_gemv_kernel, {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig, dict(W_PER_COL=True,
-          HAS_BIAS=True, BITCAST=bitcast, ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0, BALANCED=bal), arch,
-          cfg=cfg)
+for cfg, K, bitcast, arch in fma_cases:  # SD3.5's adaLN widths and each config's widest rows
+    bk = cfg.kwargs["BLOCK_K"]
+    build(f"dequant FMA GEMV {cfg.kwargs} maxnreg={cfg.maxnreg} K={K} bitcast={bitcast}", D._dequant_gemv_kernel,
+          {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast,
+          ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0), arch, cfg=cfg)
 for cfg in (D.FMA_GEMV_BITCAST_CONFIG, D.FMA_GEMV_WIDE_CONFIG):  # 3 rows, a masked K tail, fp16 (the sm80 case)
     build(f"dequant FMA GEMV sm80 {cfg.kwargs} fp16 bitcast", D._dequant_gemv_kernel,
           {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
-          dict(W_PER_COL=False, HAS_BIAS=False, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False, BALANCED=True), 80,
-          cfg=cfg)
+          dict(W_PER_COL=False, HAS_BIAS=False, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False), 80, cfg=cfg)
 for cfg in (fp8_dequant_gemm.GEMV_CONFIGS[1], fp8_dequant_gemm.GEMM_CONFIGS[2]):
     build(f"dequant sm80 bitcast {cfg.kwargs}", fp8_dequant_gemm._dequant_gemm_kernel,
           {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
@@ -493,15 +452,9 @@ def test_kernels_compile_for_the_gpu():
     # the FMA GEMV's configs (one with a register cap, which buys programs per SM) spill nothing up to the widest
     # rows each takes: a spill to local memory in a kernel that lives on memory parallelism gives back the gain
     gemv = [r for (name, _), r in builds.items() if name.startswith("dequant FMA GEMV {") and "K=" in name]
-    assert len(gemv) == 12
+    assert len(gemv) == 10
     if gemv[0]["stack"] is not None:
         assert all(r["stack"] == 0 for r in gemv), [(r["name"], r["stack"]) for r in gemv if r["stack"]]
-    # a balanced program's clamped rows keep the weight loads as wide as before
-    cfg = fp8_dequant_gemm.FMA_GEMV_CONFIG
-    for K in (1536, 2432):
-        plain, bal = (builds[(f"dequant FMA GEMV {cfg.kwargs} maxnreg=128 K={K} bitcast=False balanced={b}", 90)]
-                      for b in (False, True))
-        assert bal["v4_loads"] > 0 and bal["v4_loads"] == plain["v4_loads"], (K, bal["v4_loads"], plain["v4_loads"])
     # the quantiser's loads stay 16 bytes wide when it reads attention's output head by head (runs of 64 columns)
     heads, rows = builds[("quant [B, L, H, 64] view", 90)], builds[("quant mode=0 one_tile=True", 90)]
     assert heads["v4_loads"] > 0 and heads["v4_loads"] == rows["v4_loads"]
