@@ -32,7 +32,8 @@ What it measures (each section is independent: an exception is recorded and the 
             <= 1.15x F.linear's time at M = 8858)
   gemv      the M = 2 adaLN GEMV per layer (Large, Medium) and over all of Large's adaLN at once:
             dequant_gemm and the FMA GEMV under other configs, against bf16 F.linear, replayed in a CUDA graph
-  variants  the FP8 GEMM's kernel variants (default, tma, ws, persistent; add is in gemm) on the four Large layers
+  variants  the FP8 GEMM's kernel variants (default, tma, persistent; add is in gemm; ws refused on a GPU unless
+            MINISD35_GEMM_WS=1, see kernels/fp8_gemm.py) on the four Large layers
             (--layers, --gemm-variants pick fewer) vs _scaled_mm row-wise:
             agreement with fp8_gemm_ref first (a variant that disagrees is reported, not timed), then TFLOP/s
 Timing: triton.testing.do_bench median (20th / 80th percentiles kept), after one warm-up call that also runs
@@ -878,7 +879,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining measurements skip")
     ap.add_argument("--sections", default="all", help="comma-separated sections to run (device always runs), e.g. "
                     "quant,dequant,variants")
-    ap.add_argument("--gemm-variants", default="default,tma,ws,persistent", help="fp8_gemm variants the variants "
+    ap.add_argument("--gemm-variants", default="default,tma,persistent", help="fp8_gemm variants the variants "
                     "section times")
     ap.add_argument("--layers", default="", help="comma-separated SD3.5 Large layers for the variants section "
                     "(default: qkv, proj, fc1, fc2)")
@@ -914,7 +915,8 @@ def main() -> int:
     copy_gbps = res["device"].get("copy_GBps", float("nan")) if isinstance(res["device"], dict) else float("nan")
     # cheap memory-bound kernels first, the GEMMs (most compiling and autotuning) after, the error study last, so
     # that a spent time budget costs the least important measurements. The GEMM variants come after the main GEMM
-    # table: "ws" relies on Triton's young Hopper warp specialisation, and if it misbehaves the rest is saved.
+    # table ("ws", which deadlocked on an H200 with Triton 3.6, only where asked for: bench/gemm_configs_gpu.py
+    # probes it config by config in processes it can kill).
     run("quant", bench_quant, b, copy_gbps)
     run("qk_norm", bench_qk_norm, b, copy_gbps)
     run("gelu_quant", bench_gelu_quant, b, copy_gbps)

@@ -127,7 +127,7 @@ GEMM_CONFIGS = [
 # SMs x 4 slots, so 60 SMs stream 128 rows and 72 stream 96), and giving each program ceil(N / 528) rows instead
 # (28; the last lanes clamped, not masked, which spilled) evens the SMs out to 1.3% - and changed nothing: 13.06
 # vs 13.10 us (Large), 9.39 vs 9.26 us (Medium). The SMs with less to do leave their share of DRAM bandwidth to
-# the others; what the per-layer call pays beyond its bytes (~3.5 us at the one GEMV's 3.8 TB/s) is the wave's
+# the others; what the per-layer call pays beyond its bytes (~3.7 us at the one GEMV's 3.8 TB/s) is the wave's
 # ramp and drain, which only overlapping consecutive kernels (programmatic dependent launch) would hide.
 FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
 FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)

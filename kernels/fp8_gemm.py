@@ -39,13 +39,17 @@ overwrite the same registers, so they wait for the adds. MMA and promotion alter
 all warpgroups of the program run the same schedule. A skewed loop (issue tile k's MMA, then add tile k-1's
 partial; two partial tiles unrolled by two) was compiled and read in SASS: Triton still puts a full
 wgmma.wait_group 0 after each dot and ptxas only hoists the adds above the first of the four wgmmas, so the overlap
-is a quarter at best; it is not kept. What does overlap them is warp specialisation: variant "ws" loads through TMA
-descriptors and lets Triton 3.6's Hopper pass split the program into a producer warpgroup (TMA only) and two
+is a quarter at best; it is not kept. What would overlap them is warp specialisation: variant "ws" loads through
+TMA descriptors and lets Triton 3.6's Hopper pass split the program into a producer warpgroup (TMA only) and two
 consumer warpgroups with their own halves of the tile and their own barriers, so one consumer's adds run during
-the other's MMAs (ping-pong by scheduling rather than by construction). "tma" is the same kernel without the
-specialisation, to separate the two effects; "add" is the promotion by `acc += tl.dot` of the earlier study;
-"persistent" (one program per SM over all output tiles) overlaps the next tile's loads with this tile's epilogue,
-which cuBLAS also does, but not the promotion (see its docstring for what it measured).
+the other's MMAs (ping-pong by scheduling rather than by construction). On the GPU it deadlocks: H200, Triton
+3.6.0, GPU session 11 (bench/gemm_configs_gpu.py, each config alone in its own process): all seven configs, fast
+and precise, compiled in 1.0-1.8 s and not one launch returned within 45 s, so fp8_gemm refuses it on a GPU
+unless MINISD35_GEMM_WS=1 (to try another Triton; the interpreter runs it, ignoring the specialisation, and the
+compile test checks the split). "tma" is the same kernel without the specialisation, to separate the two
+effects; "add" is the promotion by `acc += tl.dot` of the earlier study; "persistent" (one program per SM over
+all output tiles) overlaps the next tile's loads with this tile's epilogue, which cuBLAS also does, but not the
+promotion (see its docstring for what it measured).
 
 Tiling: BLOCK_M x BLOCK_N output tiles, K walked in BLOCK_K steps, tiles visited in GROUP_M-row groups so that
 neighbouring programs share A rows and W columns in L2 (the Triton matmul tutorial's ordering). Row and column
@@ -59,6 +63,7 @@ call for a given layer shape picks the config, so benchmark (or warm up) with a 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +98,8 @@ VARIANTS = {
     "default": "pointer loads, software pipelining, promotion inside the dot lowering (max_num_imprecise_acc)",
     "add": "as default, promotion by `acc += tl.dot(a, b)` per K tile (PRECISE_ADD)",
     "tma": "TMA descriptor loads, no warp specialisation",
-    "ws": "TMA descriptor loads + warp specialisation: producer warpgroup, two consumer warpgroups (Hopper)",
+    "ws": "TMA descriptor loads + warp specialisation: producer warpgroup, two consumer warpgroups (Hopper; "
+          "deadlocks with Triton 3.6 on an H200, refused on a GPU unless MINISD35_GEMM_WS=1)",
     "persistent": "TMA descriptor loads, one program per SM looping over output tiles (tile and K loops flattened)",
 }
 
@@ -220,8 +226,8 @@ def _gemm_epilogue(acc, offs_m, offs_n, rm, rn, M, N, rows_per_batch, out_ptr, s
 # rows with its own accumulator and its own barriers. The promotion adds of one consumer then run while the other
 # consumer's MMAs keep the tensor cores busy, which a single warpgroup's code cannot arrange: there, Triton (and
 # ptxas, which must wait before reading an async MMA's registers) orders MMA -> wait -> adds -> next MMA, and the
-# tensor cores idle during the adds. Checked by compiling for sm90 on the CPU (tests/test_kernels_fused.py); the
-# speed is for the GPU run to measure (bench/kernels_gpu.py, gemm section, variants "tma" and "ws").
+# tensor cores idle during the adds. Checked by compiling for sm90 on the CPU (tests/test_kernels_fused.py). On an
+# H200 with Triton 3.6 the warp-specialised kernel compiles and then never finishes (see the module docstring).
 
 
 def _set_block_shapes(nargs):
@@ -431,6 +437,10 @@ def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows
             _fp8_gemm_kernel[lambda meta: (tiles(meta),)](a, w, *epi, a.stride(0), w.stride(0), *strides, **flags,
                                                           ACC_MODE=acc_mode)
             return out
+        if variant == "ws" and dev.type == "cuda" and os.environ.get("MINISD35_GEMM_WS") != "1":
+            raise HardwareError("fp8_gemm: variant 'ws' deadlocked on the GPU (H200, Triton 3.6: every config "
+                                "compiled and no launch returned within 45 s); use variant='default' or 'tma', or "
+                                "set MINISD35_GEMM_WS=1 to try it with another Triton")
         a_desc, w_desc = _descriptors(a, w, dev, variant)
         acc_mode = FAST if acc_mode == FAST else PRECISE
         if variant == "persistent":

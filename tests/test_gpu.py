@@ -6,6 +6,7 @@
 - the fused forward (fast.py) with its Triton kernels equals the plain forward, and SDPA keeps the attention
   buffers' layout (the proj GEMMs read its output without a copy); attention="triton" / "fp8" eager and graphed,
   and the attention kernel's variants at an SD3.5 shape;
+- every FP8 GEMM variant a user may pick finishes and agrees with the reference ("ws" is refused);
 - the weight-only kernel's uint8 bit-decoding path (for GPUs whose Triton has no fp8 type) equals the fp8 path;
 - the autotuners' timing helper allocates an L2-sized flush buffer and agrees with triton.testing.do_bench;
 - determinism: the same seed gives byte-identical PNGs twice, in bf16 and in FP8.
@@ -222,6 +223,27 @@ def test_autotuning_flushes_with_an_l2_sized_buffer():
 
     ref = triton.testing.do_bench(lambda: y.copy_(x))
     assert 0.7 < med / ref < 1.4, (med, ref)
+
+
+@pytest.mark.parametrize("variant", ["default", "add", "tma", "persistent"])
+def test_fp8_gemm_variants_at_an_sd35_shape(variant):
+    # every GEMM variant a user may pick runs to completion and computes the product (K = 2432, M and N not
+    # multiples of the tiles); "ws" deadlocks with Triton 3.6 on an H200, so it is refused, not launched
+    from kernels._common import rel_rms as rr
+    from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+    from kernels.fp8_quant import quant_fp8_ref
+    from minisd35.errors import HardwareError
+
+    torch.manual_seed(2)
+    a, sa = quant_fp8_ref(torch.randn(1000, 2432, device="cuda"))
+    w, sw = quant_fp8_ref(torch.randn(2500, 2432, device="cuda") * 0.02)
+    bias = torch.randn(2500, device="cuda", dtype=torch.bfloat16)
+    ref = fp8_gemm_ref(a, sa, w, sw, bias)
+    for fast in (False, True):
+        assert rr(fp8_gemm(a, sa, w, sw, bias, fast_accum=fast, variant=variant), ref) < 5e-3, (variant, fast)
+    if os.environ.get("MINISD35_GEMM_WS") != "1":
+        with pytest.raises(HardwareError, match="deadlock"):
+            fp8_gemm(a, sa, w, sw, bias, variant="ws")
 
 
 def test_dequant_bitcast_path_matches():
