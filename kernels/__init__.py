@@ -6,7 +6,8 @@ TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and
                          (x [M, K], or a [B, L, K] / [B, L, H, hd] view read in place)
     fp8_gemm.py          fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch,
                          fast_accum, variant) -> out                                      W8A8 GEMM + epilogue
-                         (variant: "default" | "add" | "tma" | "ws" = TMA + warp specialisation, Hopper)
+                         (variant: "default" | "add" | "tma" | "persistent"; "ws" = TMA + warp specialisation
+                         deadlocks with Triton 3.6 on an H200 and is refused on a GPU)
                          scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, fast_accum)   the torch._scaled_mm path
     fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None, route="auto") -> y   weight-only FP8
                          (any GPU; M <= 4 picks the faster of two GEMV kernels on its first call per layer shape;
