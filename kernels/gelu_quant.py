@@ -67,7 +67,6 @@ from kernels._common import (
     tune_bench,
 )
 from kernels.fp8_quant import quant_fp8_ref
-from minisd35.errors import InputError
 
 # |GELU(x)| for x < 0 is at most 0.169971 (at x = -0.7518); rounded to bf16 that is 0.16992, to fp16 0.16992 or
 # 0.17004. A row whose GELU(max x) reaches this bound has max|g| = GELU(max x).
@@ -161,81 +160,20 @@ def _gelu_quant_kernel(
                  mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The register-resident variant: one row per program, held in registers between the two passes as two power-of-two
-# tiles (9728 = 8192 + a 2048 tile with 1536 live columns, 6144 = 4096 + 2048), so that pass 2 reads nothing
-# again: the streaming kernel above re-reads every row from L1/L2 for pass 2 (172 MB of extra cache traffic at
-# Large's M = 8858) and walks it in steps whose loads wait for the previous step's stores. Here each thread issues
-# all of its row's 16-byte loads at once (8 warps: 32 + 8 values per thread at N = 9728). The arithmetic is the
-# same, expression for expression, so the two variants give the same codes and scales bit for bit (tested).
-RESIDENT_MAX_N = 16384  # wider rows stream (registers: at most 64 values per thread with 8 warps)
-RESIDENT_CONFIGS = [triton.Config({}, num_warps=w) for w in (8, 4, 16)]
-CPU_RESIDENT_CONFIGS = RESIDENT_CONFIGS[:1]
-
-
-def _tiles(N: int) -> tuple[int, int]:
-    """N = BLOCK_A + (at most) BLOCK_B: the largest power of two <= N, and the rest rounded up to one (0: none)."""
-    a = 1 << (N.bit_length() - 1)
-    return a, (triton.next_power_of_2(N - a) if N > a else 0)
-
-
-@triton.autotune(do_bench=tune_bench, configs=pick_configs(RESIDENT_CONFIGS, CPU_RESIDENT_CONFIGS), key=["N"])
-@triton.jit
-def _gelu_quant_resident_kernel(
-    h_ptr, q_ptr, scale_ptr, M, N, stride_hm,
-    G_DT: tl.constexpr, ROUND_FIRST: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # columns [0, BLOCK_A) all live; [BLOCK_A, BLOCK_A + BLOCK_B) masked
-):
-    row = tl.program_id(0)
-    ca = tl.arange(0, BLOCK_A)
-    h_row = h_ptr + row.to(tl.int64) * stride_hm
-    q_row = q_ptr + row.to(tl.int64) * N
-    xa = tl.load(h_row + ca).to(tl.float32)
-    xm = tl.max(xa, axis=0)
-    if BLOCK_B > 0:
-        cb = BLOCK_A + tl.arange(0, BLOCK_B)
-        live_b = cb < N
-        xb = tl.load(h_row + cb, mask=live_b, other=0.0).to(tl.float32)
-        xm = tl.maximum(xm, tl.max(tl.where(live_b, xb, float("-inf")), axis=0))
-    amax = round_to(gelu_tanh_f32(xm), G_DT, ROUND_FIRST)  # pass 1 as in _gelu_quant_kernel
-    if amax < NEG_BOUND:  # the largest |GELU| may come from a negative input: compute it
-        amax = tl.max(tl.abs(round_to(gelu_tanh_f32(xa), G_DT, ROUND_FIRST)), axis=0)
-        if BLOCK_B > 0:
-            gb = tl.abs(round_to(gelu_tanh_f32(xb), G_DT, ROUND_FIRST))
-            amax = tl.maximum(amax, tl.max(tl.where(live_b, gb, 0.0), axis=0))
-    amax = tl.maximum(amax, 1e-12)
-    tl.store(scale_ptr + row, tl.math.div_rn(amax, 448.0))
-    inv = tl.math.div_rn(448.0, amax)
-    tl.store(q_row + ca, _codes(xa, inv, G_DT, ROUND_FIRST))
-    if BLOCK_B > 0:
-        tl.store(q_row + cb, _codes(xb, inv, G_DT, ROUND_FIRST), mask=live_b)
-
-
-def gelu_quant(h: torch.Tensor, resident: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """h [M, N] (bf16; fp16 / fp32 work the same way) -> (g8 [M, N] e4m3, scale [M] fp32): per-token FP8 of
-    F.gelu(h, approximate="tanh"), which is computed in fp32 and rounded to h's dtype first, as torch does.
-    resident: hold each row in registers (N <= RESIDENT_MAX_N; the default there) or stream it in steps."""
+    F.gelu(h, approximate="tanh"), which is computed in fp32 and rounded to h's dtype first, as torch does."""
     fn = "gelu_quant"
     check_tensor(fn, "h", h, (torch.bfloat16, torch.float16, torch.float32), ndim=2)
     dev = check_device(fn, h)
     M, N = h.shape
-    if resident is None:
-        resident = N <= RESIDENT_MAX_N
-    elif resident and N > RESIDENT_MAX_N:
-        raise InputError(f"gelu_quant: resident=True takes rows of at most {RESIDENT_MAX_N} values, got N={N}")
     q = torch.empty((M, N), dtype=FP8, device=dev)
     scale = torch.empty(M, dtype=torch.float32, device=dev)
     if M == 0 or N == 0:
         return q, scale.fill_(SCALE_FLOOR / FP8_MAX)
-    flags = dict(G_DT=TL_DTYPES[h.dtype], ROUND_FIRST=round_first(dev))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with on_device(dev):
-        if resident:
-            block_a, block_b = _tiles(N)
-            _gelu_quant_resident_kernel[(M,)](h, q, scale, M, N, h.stride(0), **flags, BLOCK_A=block_a,
-                                              BLOCK_B=block_b)
-        else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-            _gelu_quant_kernel[grid](h, q, scale, M, N, h.stride(0), **flags)
+        _gelu_quant_kernel[grid](h, q, scale, M, N, h.stride(0), G_DT=TL_DTYPES[h.dtype], ROUND_FIRST=round_first(dev))
     return q, scale
 
 

@@ -172,8 +172,8 @@ def test_gated_residual_rejects_bad_arguments():
 # gelu_quant
 
 
-def check_gelu_quant(h: torch.Tensor, resident: bool | None = None):
-    q, s = gq(h, resident=resident)
+def check_gelu_quant(h: torch.Tensor):
+    q, s = gq(h)
     qr, sr = gelu_quant_ref(h)
     assert q.dtype == E4M3 and q.shape == h.shape and s.shape == (h.shape[0],) and s.dtype == torch.float32
     if h.dtype == torch.float32:  # no rounding of GELU's output: the scales carry its last-bit differences
@@ -187,12 +187,11 @@ def check_gelu_quant(h: torch.Tensor, resident: bool | None = None):
     return q, s
 
 
-@pytest.mark.parametrize("resident", [True, False])  # rows held in registers (the default) / streamed in steps
-@pytest.mark.parametrize("M,N", [(1, 72), (3, 100), (5, 300), (2, 64)])  # N = 64: no tail step / second tile
+@pytest.mark.parametrize("M,N", [(1, 72), (3, 100), (5, 300), (2, 64)])  # N = 64: no tail step
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gelu_quant_matches_ref(M, N, dtype, resident):
+def test_gelu_quant_matches_ref(M, N, dtype):
     h = randn(M, N, dtype=dtype, scale=2.0, seed=M * N)
-    q, s = check_gelu_quant(h, resident)
+    q, s = check_gelu_quant(h)
     # and against GELU in float64: every element within half an E4M3 step (2**-4 relative) plus the subnormal floor
     g = F.gelu(h.double(), approximate="tanh")
     assert ((q.double() * s[:, None] - g).abs() <= g.abs() * 2**-4 + s.double()[:, None] * 2**-9 * 1.01).all()
@@ -213,32 +212,17 @@ def test_gelu_quant_rows_whose_max_is_not_the_largest_gelu():
     h[4, 50] = 3.0
     h[5] = randn(N, scale=30.0, seed=6)  # exp overflow: GELU(-60) = -0, GELU(60) = 60
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for resident in (True, False):
-            q, s = check_gelu_quant(h.to(dtype), resident)
-            assert s[3].item() == pytest.approx(1e-12 / 448.0, rel=1e-6) and (q[3].float() == 0).all()
-            assert not q.float().isnan().any()
+        q, s = check_gelu_quant(h.to(dtype))
+        assert s[3].item() == pytest.approx(1e-12 / 448.0, rel=1e-6) and (q[3].float() == 0).all()
+        assert not q.float().isnan().any()
 
 
-@pytest.mark.parametrize("resident", [True, False])
-def test_gelu_quant_strided_rows(resident):
+def test_gelu_quant_strided_rows():
     h = randn(5, 200, dtype=torch.bfloat16, seed=7)[:, 30:130]
     assert h.stride(0) == 200
-    q, s = gq(h, resident=resident)
-    qr, sr = gq(h.contiguous(), resident=resident)
+    q, s = gq(h)
+    qr, sr = gq(h.contiguous())
     assert torch.equal(codes(q), codes(qr)) and torch.equal(s, sr)
-
-
-@pytest.mark.parametrize("N", [1, 37, 100, 128, 300])  # one tile (powers of two), a second one with a masked tail
-def test_gelu_quant_resident_equals_streamed(N):
-    # the same arithmetic in both variants: identical codes and scales, not merely close
-    from kernels.gelu_quant import RESIDENT_MAX_N
-
-    for dtype in (torch.bfloat16, torch.float32):
-        h = randn(4, N, dtype=dtype, scale=1.5, seed=N)
-        (q1, s1), (q2, s2) = gq(h, resident=True), gq(h, resident=False)
-        assert torch.equal(codes(q1), codes(q2)) and torch.equal(s1, s2), (N, dtype)
-    with pytest.raises(InputError, match="resident"):
-        gq(torch.zeros(1, RESIDENT_MAX_N + 1, dtype=torch.bfloat16, device=DEV), resident=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,11 +334,6 @@ for cfg in gelu_quant.GELU_CONFIGS[:3]:
     n_full = 9728 - 9728 % cfg.kwargs["BLOCK_N"]
     build(f"gelu_quant {cfg.kwargs} w{cfg.num_warps}", gelu_quant._gelu_quant_kernel, g_sig,
           dict(G_DT=tl.bfloat16, ROUND_FIRST=False, N_FULL=n_full), cfg=cfg)
-
-for N in (9728, 6144):  # the register-resident variant at SD3.5 Large's and Medium's MLP width, as launched
-    a, b = gelu_quant._tiles(N)
-    build(f"gelu_quant resident N={N}", gelu_quant._gelu_quant_resident_kernel, g_sig,
-          dict(G_DT=tl.bfloat16, ROUND_FIRST=False, BLOCK_A=a, BLOCK_B=b), warps=8)
 
 # Ada (sm89): the E4M3 quantisers round to the grid in fp32 first (_common.round_first)
 build("gelu_quant sm89 round first", gelu_quant._gelu_quant_kernel, g_sig,
