@@ -34,9 +34,9 @@ so the kernel is memory-bound at M*N*(2 + 1) bytes and its figure of merit is GB
 Tried and removed (GPU session 11, H200, graph replay at M = 8858, bench/results/2026-12-03_h200_session11): one
 row per program held in registers between the passes (two power-of-two tiles, 8192 + 2048 for 9728, so pass 2
 reads nothing again; same codes bit for bit). Slower: 116.5 vs 85.3 us at N = 9728 (52% vs 71% of copy
-bandwidth), 60.1 vs 51.6 us at N = 6144. A whole row must arrive before its first code can be written, and the
-row-wide max is a block reduction through shared memory; the streaming steps overlap one row's pass-1 loads with
-another's stores and need no block-wide reduction until the end of pass 1.
+bandwidth), 60.1 vs 51.6 us at N = 6144. The likely reasons (not profiled): a whole row must arrive before its
+first code can be written, so each program's loads and stores do not overlap, and its registers allow fewer rows
+in flight per SM than the streaming steps keep.
 
 Everything after g is quant_fp8's arithmetic, bit for bit: IEEE divisions for the scale and its inverse once per
 row, one multiply per element, E4M3 round-to-nearest-even with saturation at +-448 (the GPU's cvt.rn.satfinite
