@@ -1,0 +1,225 @@
+"""Scaled FP8 GEMM with precise accumulation whose promotion overlaps the tensor cores (Hopper, Gluon).
+
+    out[m, n] = (sum_k a[m, k] * w[n, k]) * a_scale[m] * w_scale[n] + bias[n]      (as kernels/fp8_gemm.py)
+
+Why a second GEMM: precise accumulation (fp32 promotion every 128 products; see fp8_gemm.py's docstring for why
+the default needs it) costs fp8_gemm ~30% against cuBLAS, because Triton's `tl.dot(..., max_num_imprecise_acc=128)`
+waits for every K tile's MMAs before adding them into the fp32 accumulator, and the next tile's MMAs wait for the
+adds: the tensor cores idle during the promotion. Triton's own warp specialisation, which would hide it, deadlocks
+with Triton 3.6 on an H200 (fp8_gemm.py). Gluon (triton.experimental.gluon) exposes the asynchronous wgmma
+directly, so here the overlap is written out: two partial accumulators P0 / P1 alternate, and while the MMAs of K
+tile k run into one of them (issued async), the fp32 adds promote tile k-1's from the other:
+
+    issue  P[k % 2] = A_k @ W_k^T          (wgmma, async, zero-initialised: use_acc=False)
+    wait   until one wgmma group is outstanding: tile k-1's MMAs are done, tile k's still run
+    add    acc += P[(k - 1) % 2]          (fp32 adds, on the CUDA cores, during tile k's MMAs)
+    load   K tile k + STAGES - 1 by TMA into the stage tile k-1 used (free now)
+
+Registers: three fp32 tiles (acc, P0, P1) of BLOCK_M * BLOCK_N / (32 * num_warps) each: 64 for 128 x 128 with 8
+warps, 192 in all. The loop is unrolled by two so that each partial is a fixed register set (a wgmma's accumulator
+is updated in place; issuing into a tile that is still being read would race).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # `python kernels/fp8_gemm_gluon.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from kernels._common import FP8, check_device, check_scale, check_tensor, on_device
+from minisd35.errors import InputError
+
+GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8}]
+
+
+@gluon.jit
+def _load_tile(a_desc, w_desc, a_s, w_s, bars, t, off_m, off_n, k_tiles, STAGES: gl.constexpr,
+               BLOCK_K: gl.constexpr):
+    """TMA loads of K tile t into stage t % STAGES (predicated off past the last tile)."""
+    s = t % STAGES
+    ok = t < k_tiles
+    mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [off_m, t * BLOCK_K], bars.index(s), a_s.index(s), pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [off_n, t * BLOCK_K], bars.index(s), w_s.index(s), pred=ok)
+
+
+@gluon.jit
+def _issue(a_s, w_s, bars, part, t, STAGES: gl.constexpr):
+    """Wait for K tile t's operands, then start its MMAs into `part` (zero-initialised), asynchronously."""
+    s = t % STAGES
+    mbarrier.wait(bars.index(s), (t // STAGES) & 1)
+    return warpgroup_mma(a_s.index(s), w_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _fp8_gemm_gluon_kernel(
+    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_om,
+    A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr, num_warps: gl.constexpr,
+):
+    # grouped tile order (as kernels/_common.grouped_tile)
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    # wgmma accumulator layout: warps stacked along M (8 warps: two warpgroups of 64 rows each)
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, BLOCK_N, 32])
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    for t in gl.static_range(STAGES):  # prologue: every stage loading
+        _load_tile(a_desc, w_desc, a_s, w_s, bars, t, off_m, off_n, k_tiles, STAGES, BLOCK_K)
+
+    # loop invariant at the top: p0 = tile k - 1's MMAs in flight (an async accumulator), p1 = a free register tile
+    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+    p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+    p0 = _issue(a_s, w_s, bars, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), 0, STAGES)
+    for k in range(1, k_tiles - 1, 2):  # two tiles per trip, k and k + 1 (both < k_tiles)
+        q1 = _issue(a_s, w_s, bars, p1, k, STAGES)  # tile k into P1
+        t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
+        acc += t0  # promotion of tile k - 1, while tile k's MMAs run
+        # tile k - 1's stage is free once *both* warpgroups are done with it (the wait is per warpgroup)
+        gl.thread_barrier()
+        _load_tile(a_desc, w_desc, a_s, w_s, bars, k - 1 + STAGES, off_m, off_n, k_tiles, STAGES, BLOCK_K)
+        p0 = _issue(a_s, w_s, bars, t0, k + 1, STAGES)  # tile k + 1 into P0
+        p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
+        acc += p1
+        gl.thread_barrier()
+        _load_tile(a_desc, w_desc, a_s, w_s, bars, k + STAGES, off_m, off_n, k_tiles, STAGES, BLOCK_K)
+    if k_tiles % 2 == 0:  # one tile left, into P1
+        r1 = _issue(a_s, w_s, bars, p1, k_tiles - 1, STAGES)
+        r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+        acc += r0
+        r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
+        acc += r1
+    else:
+        r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
+        acc += r0
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+    # epilogue on the fp32 accumulator, one rounding at the store
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    rm = offs_m % M
+    rn = offs_n % N
+    if A_PER_ROW:
+        acc = acc * gl.expand_dims(gl.load(a_scale_ptr + rm), 1)
+    else:
+        acc = acc * gl.load(a_scale_ptr)
+    if W_PER_COL:
+        acc = acc * gl.expand_dims(gl.load(w_scale_ptr + rn), 0)
+    else:
+        acc = acc * gl.load(w_scale_ptr)
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(bias_ptr + rn).to(gl.float32), 0)
+    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
+    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                   config: dict | None = None) -> torch.Tensor:
+    """The same product as fp8_gemm(..., fast_accum=False) without its fused activation / gated residual, on a
+    Hopper GPU (TMA + wgmma). a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    fn = "fp8_gemm_gluon"
+    check_tensor(fn, "a", a, (FP8,), ndim=2)
+    check_tensor(fn, "w", w, (FP8,), ndim=2)
+    M, K = a.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise InputError(f"{fn}: a is [{M}, {K}] but w is {list(w.shape)}; w must be [N, {K}]")
+    if K % 16 or a.stride(1) != 1 or w.stride(1) != 1:
+        raise InputError(f"{fn}: TMA needs K % 16 == 0 and K-contiguous rows (K = {K})")
+    check_scale(fn, "a_scale", a_scale, M, "row of a (token)")
+    check_scale(fn, "w_scale", w_scale, N, "row of w (output channel)")
+    dev = check_device(fn, a, w, a_scale, w_scale, bias)
+    cfg = dict(config or GLUON_CONFIGS[0])
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    out = torch.empty((M, N), dtype=out_dtype, device=dev)
+    if M == 0 or N == 0:
+        return out
+    a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv)
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk], a_layout)
+    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    with on_device(dev):
+        _fp8_gemm_gluon_kernel[grid](a_desc, w_desc, out, a_scale, w_scale, bias if bias is not None else out,
+                                     M, N, K, out.stride(0), A_PER_ROW=a_scale.numel() > 1,
+                                     W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
+    return out
+
+
+if __name__ == "__main__":
+    # check first (odd shapes, then the SD3.5 Large layers at M = 8858), then time against cuBLAS and fp8_gemm
+    import json
+    import os
+
+    from kernels._common import rel_rms, tune_bench
+    from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, scaled_mm
+    from kernels.fp8_quant import quant_fp8_ref
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        sys.exit("needs a Hopper GPU (Gluon's TMA + wgmma); there is no interpreter for Gluon")
+    torch.manual_seed(0)
+    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": os.environ.get("MINISD35_COMMIT", "unknown"), "checks": [], "rows": []}
+    for M, K, N in [(1, 80, 40), (3, 2432, 200), (67, 1536, 136), (300, 9728, 2432), (129, 256, 257)]:
+        a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
+        w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.05)
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias), fp8_gemm_ref(a, sa, w, sw, bias))
+        res["checks"].append({"M": M, "K": K, "N": N, "rel_err_vs_ref": err})
+        print(f"check M={M} K={K} N={N}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
+    configs = [GLUON_CONFIGS[0]] + [{**GLUON_CONFIGS[0], **c} for c in
+                                    ({"STAGES": 3}, {"STAGES": 5}, {"GROUP_M": 16})]
+    for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
+                          "fc2": (9728, 2432)}.items():
+        M = 8858
+        a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
+        w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.02)
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16) * 0.1
+        ref = fp8_gemm_ref(a, sa, w, sw, bias)
+        impls = [("_scaled_mm row-wise", lambda: scaled_mm(a, sa, w, sw, bias)),
+                 ("_scaled_mm row-wise fast_accum", lambda: scaled_mm(a, sa, w, sw, bias, fast_accum=True)),
+                 ("fp8_gemm precise", lambda: fp8_gemm(a, sa, w, sw, bias))]
+        impls += [(f"gluon {c}", lambda c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c))
+                  for c in (configs if layer == "qkv" else configs[:1])]
+        base = None
+        for name, f in impls:
+            err = rel_rms(f(), ref)
+            ms = tune_bench(f)[0]
+            base = base or ms
+            row = {"layer": layer, "M": M, "K": K, "N": N, "impl": name, "rel_err_vs_ref": err, "ms": ms,
+                   "TFLOPs": 2 * M * N * K / ms * 1e-9, "speed_vs_scaled_mm": base / ms}
+            res["rows"].append(row)
+            print(row, flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gemm_gluon.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
