@@ -75,6 +75,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import (fp8_attention, fp8_dequant_gemm, fp8_gemm, fp8_quant, gated_residual, gelu_quant, ln_mod_quant,
                      qk_norm)
+try:  # Gluon (triton.experimental.gluon, Triton 3.4+): kernels/fp8_gemm_gluon.py
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from kernels import fp8_gemm_gluon
+except ImportError:
+    GluonASTSource = fp8_gemm_gluon = None
 
 def jit_fn(k):
     while not isinstance(k, triton.runtime.jit.JITFunction):
@@ -100,18 +105,20 @@ def build(name, kernel, sig, consts, arch=90, cfg=None, warps=4, stages=3, **opt
         if cfg.maxnreg:
             options = {"maxnreg": cfg.maxnreg, **options}
     signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
+    source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else ASTSource  # Gluon kernels: own frontend
     # what the launcher attaches at run time: 16-byte aligned pointers, strides / N / K divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")
              or (signature[n] == "i32" and (n.startswith("stride") or n in ("N", "K")))}
     rec = {"name": name, "arch": arch}
     try:
-        k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+        k = triton.compile(source(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps, "num_stages": stages, **options})
         ptx = k.asm["ptx"]
         rec.update(ok=True, shared=k.metadata.shared, stack=stack_bytes(k.asm["cubin"]),
                    fma=len(re.findall(r"\bfma\.rn\.f32", ptx)), v4_loads=len(re.findall(r"ld\.global[\.\w]*\.v4", ptx)),
                    satfinite=ptx.count("cvt.rn.satfinite.e4m3x2"), setmaxnreg=ptx.count("setmaxnreg"),
-                   fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"))
+                   fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"),
+                   wgmma_waits=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)])
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
     out.append(rec)

@@ -382,6 +382,20 @@ for name, cfgs, ws, bm, bn, acc, epi in [
     c = pick(cfgs, bm, bn)
     build(f"gemm {name}", fp8_gemm._fp8_gemm_tma_body, gemm_sig(c), dict(A_PER_ROW=True, W_PER_COL=True,
           HAS_BIAS=True, ACC_MODE=acc, WARP_SPEC=ws, PROMOTE=min(c.kwargs["BLOCK_K"], 128), **epi), cfg=c)
+if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launcher spells them
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+    gcfg = dict(fp8_gemm_gluon.GLUON_CONFIGS[0])
+    bm, bn, bk = gcfg["BLOCK_M"], gcfg["BLOCK_N"], gcfg["BLOCK_K"]
+    t = torch.empty(256, 256, dtype=torch.float8_e4m3fn)
+    desc = lambda r: mangle_type(TensorDescriptor(t, [256, 256], [256, 1], [r, bk],
+                                                  gl.NVMMASharedLayout.get_default_for([r, bk], gl.float8e4nv)))
+    build("gemm gluon precise", fp8_gemm_gluon._fp8_gemm_gluon_kernel,
+          {"a_desc": desc(bm), "w_desc": desc(bn), "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+           "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32"},
+          dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, **gcfg), warps=gcfg["num_warps"])
 for name, bm, bn, acc, epi in [("precise 128x128 fused epilogue", 128, 128, 2, full),
                                ("fast 128x256", 128, 256, 0, plain)]:
     c = pick(fp8_gemm.PERSISTENT_CONFIGS, bm, bn)
@@ -412,4 +426,12 @@ def test_fused_kernels_compile_for_the_gpu():
         if n.startswith("gemm tma") or n.startswith("gemm persistent"):
             assert r["setmaxnreg"] == 0, n
     assert builds["gemm ws precise 128x128 fused epilogue"]["fadd"] >= 128 * 128 // 256
+    # the Gluon GEMM waits for all but the newest wgmma group before its promotion adds (the overlap it is for):
+    # one wait(1) per promotion in the loop (two per trip) and the tail, wait(0) only at the end
+    import importlib.util
+
+    if importlib.util.find_spec("triton.experimental.gluon") is not None:
+        g = builds["gemm gluon precise"]
+        assert g["wgmma_waits"].count(1) >= 3 and g["wgmma_waits"].count(0) <= 2, g["wgmma_waits"]
+        assert g["fadd"] >= 3 * 128 * 128 // 256  # 64 adds per promotion site, at least three sites
     assert builds["gemm ws fast 128x128"]["fadd"] < builds["gemm ws precise 256x128"]["fadd"]
