@@ -61,9 +61,10 @@ def _issue(a_s, w_s, bars, part, t, STAGES: gl.constexpr):
 
 @gluon.jit
 def _fp8_gemm_gluon_kernel(
-    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K, stride_om,
-    A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr,
+    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
+    A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+    HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, num_warps: gl.constexpr,
 ):
@@ -135,17 +136,28 @@ def _fp8_gemm_gluon_kernel(
         acc = acc * gl.load(w_scale_ptr)
     if HAS_BIAS:
         acc = acc + gl.expand_dims(gl.load(bias_ptr + rn).to(gl.float32), 0)
+    if ACT == "gelu_tanh":  # as fp8_gemm's _gelu_tanh: x * sigmoid(2u)
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + gl.exp(-2.0 * u))
+    if HAS_GATE:
+        acc = acc * gl.load(gate_ptr + gl.expand_dims(rm // rows_per_batch, 1) * stride_gb
+                            + gl.expand_dims(rn, 0)).to(gl.float32)
+    if HAS_RES:
+        acc = acc + gl.load(res_ptr + gl.expand_dims(rm, 1) * stride_rm + gl.expand_dims(rn, 0)).to(gl.float32)
     mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
     ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
     gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                   config: dict | None = None) -> torch.Tensor:
-    """The same product as fp8_gemm(..., fast_accum=False) without its fused activation / gated residual, on a
-    Hopper GPU (TMA + wgmma). a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]."""
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, act: str = "none",
+                   gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                   rows_per_batch: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """The same product and epilogue as fp8_gemm(..., fast_accum=False) on a Hopper GPU (TMA + wgmma).
+    a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kernels.fp8_gemm import _check_epilogue
 
     fn = "fp8_gemm_gluon"
     check_tensor(fn, "a", a, (FP8,), ndim=2)
@@ -158,7 +170,8 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
         raise InputError(f"{fn}: TMA needs K % 16 == 0 and K-contiguous rows (K = {K})")
     check_scale(fn, "a_scale", a_scale, M, "row of a (token)")
     check_scale(fn, "w_scale", w_scale, N, "row of w (output channel)")
-    dev = check_device(fn, a, w, a_scale, w_scale, bias)
+    rows_per_batch = _check_epilogue(fn, M, N, bias, out_dtype, act, gate, residual, rows_per_batch)
+    dev = check_device(fn, a, w, a_scale, w_scale, bias, gate, residual)
     cfg = dict(config or GLUON_CONFIGS[0])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
@@ -170,9 +183,12 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     with on_device(dev):
-        _fp8_gemm_gluon_kernel[grid](a_desc, w_desc, out, a_scale, w_scale, bias if bias is not None else out,
-                                     M, N, K, out.stride(0), A_PER_ROW=a_scale.numel() > 1,
-                                     W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
+        _fp8_gemm_gluon_kernel[grid](
+            a_desc, w_desc, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)),
+            M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
+            residual.stride(0) if residual is not None else 0, A_PER_ROW=a_scale.numel() > 1,
+            W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act, HAS_GATE=gate is not None,
+            HAS_RES=residual is not None, **cfg)
     return out
 
 
@@ -197,6 +213,16 @@ if __name__ == "__main__":
         err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias), fp8_gemm_ref(a, sa, w, sw, bias))
         res["checks"].append({"M": M, "K": K, "N": N, "rel_err_vs_ref": err})
         print(f"check M={M} K={K} N={N}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
+    # the fused epilogues (fc1 + GELU, fc2 + gated residual), two samples of 67 rows
+    a, sa = quant_fp8_ref(torch.randn(134, 2432, device="cuda"))
+    w, sw = quant_fp8_ref(torch.randn(300, 2432, device="cuda") * 0.05)
+    bias = torch.randn(300, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(2, 300, device="cuda", dtype=torch.bfloat16)
+    resid = torch.randn(134, 300, device="cuda", dtype=torch.bfloat16)
+    for kw in ({"act": "gelu_tanh"}, {"gate": gate, "residual": resid, "rows_per_batch": 67}):
+        err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias, **kw), fp8_gemm_ref(a, sa, w, sw, bias, **kw))
+        res["checks"].append({"epilogue": str(list(kw)), "rel_err_vs_ref": err})
+        print(f"check epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     configs = [GLUON_CONFIGS[0]] + [{**GLUON_CONFIGS[0], **c} for c in
                                     ({"STAGES": 3}, {"STAGES": 5}, {"GROUP_M": 16})]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
@@ -211,6 +237,12 @@ if __name__ == "__main__":
                  ("fp8_gemm precise", lambda: fp8_gemm(a, sa, w, sw, bias))]
         impls += [(f"gluon {c}", lambda c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c))
                   for c in (configs if layer == "qkv" else configs[:1])]
+        if layer in ("fc1", "fc2"):  # with the epilogue the model fuses there, against fp8_gemm's
+            kw = {"act": "gelu_tanh"} if layer == "fc1" else {
+                "gate": torch.randn(2, N, device="cuda", dtype=torch.bfloat16),
+                "residual": torch.randn(M, N, device="cuda", dtype=torch.bfloat16), "rows_per_batch": M // 2}
+            impls += [("fp8_gemm precise fused", lambda kw=kw: fp8_gemm(a, sa, w, sw, bias, **kw)),
+                      ("gluon fused", lambda kw=kw: fp8_gemm_gluon(a, sa, w, sw, bias, **kw))]
         base = None
         for name, f in impls:
             err = rel_rms(f(), ref)

@@ -394,8 +394,10 @@ if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launch
                                                   gl.NVMMASharedLayout.get_default_for([r, bk], gl.float8e4nv)))
     build("gemm gluon precise", fp8_gemm_gluon._fp8_gemm_gluon_kernel,
           {"a_desc": desc(bm), "w_desc": desc(bn), "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-           "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_om": "i32"},
-          dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, **gcfg), warps=gcfg["num_warps"])
+           "bias_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+           "rows_per_batch": "i32", "stride_om": "i32", "stride_gb": "i32", "stride_rm": "i32"},
+          dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True,
+               **gcfg), warps=gcfg["num_warps"])
 for name, bm, bn, acc, epi in [("precise 128x128 fused epilogue", 128, 128, 2, full),
                                ("fast 128x256", 128, 256, 0, plain)]:
     c = pick(fp8_gemm.PERSISTENT_CONFIGS, bm, bn)
