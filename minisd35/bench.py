@@ -285,14 +285,15 @@ def fast_options(config: str) -> dict:
     for opt in config.split("+"):
         if opt == "fast-accum":
             kw["fast_accum"] = True
-        elif opt == "triton-gemm":
-            kw["gemm"] = "triton"
+        elif opt in ("triton-gemm", "gluon-gemm"):
+            kw["gemm"] = opt.removesuffix("-gemm")
         elif opt.startswith("attn-"):
             kw["attention"] = opt.removeprefix("attn-")
         else:
             from .errors import InputError
 
-            raise InputError(f"bench config {config!r}: unknown option {opt!r} (fast-accum, triton-gemm, attn-MODE)")
+            raise InputError(f"bench config {config!r}: unknown option {opt!r} "
+                             "(fast-accum, triton-gemm, gluon-gemm, attn-MODE)")
     return kw
 
 
@@ -306,7 +307,7 @@ def add_parser(sub) -> None:
                    help="fast.py attention modes to time besides SDPA (bf16 model: all but fp8; first FP8 policy: "
                         "all; with fp8 also the per-layer FP8 attention audit)")
     b.add_argument("--configs", help="comma list of fast-path options for the first FP8 policy, each '+'-joined "
-                   "from fast-accum, triton-gemm, attn-MODE (default: see run_bench)")
+                   "from fast-accum, triton-gemm, gluon-gemm, attn-MODE (default: see run_bench)")
     b.add_argument("--peers", default="diffusers,torchao", help="comma list; '' for none")
     b.add_argument("--compile", action="store_true", help="also torch.compile the torchao model (minutes)")
     b.add_argument("--plain", action="store_true", help="also time the plain (unfused) minisd35 forward")

@@ -89,5 +89,6 @@ def test_bench_config_names():
 
     assert fast_options("attn-fp8+fast-accum") == {"attention": "fp8", "fast_accum": True}
     assert fast_options("triton-gemm") == {"gemm": "triton"}
+    assert fast_options("gluon-gemm+attn-fp8") == {"gemm": "gluon", "attention": "fp8"}
     with pytest.raises(InputError, match="'fast'"):
         fast_options("attn-fp8+fast")
