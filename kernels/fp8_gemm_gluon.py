@@ -34,8 +34,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from kernels._common import FP8, check_device, check_scale, check_tensor, on_device
-from minisd35.errors import InputError
+from kernels._common import FP8, capability, check_device, check_scale, check_tensor, on_device
+from minisd35.errors import HardwareError, InputError
 
 GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8}]
 
@@ -152,7 +152,7 @@ def _fp8_gemm_gluon_kernel(
 def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, act: str = "none",
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   rows_per_batch: int | None = None, config: dict | None = None) -> torch.Tensor:
+                   rows_per_batch: int = 0, config: dict | None = None) -> torch.Tensor:
     """The same product and epilogue as fp8_gemm(..., fast_accum=False) on a Hopper GPU (TMA + wgmma).
     a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -172,6 +172,8 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     check_scale(fn, "w_scale", w_scale, N, "row of w (output channel)")
     rows_per_batch = _check_epilogue(fn, M, N, bias, out_dtype, act, gate, residual, rows_per_batch)
     dev = check_device(fn, a, w, a_scale, w_scale, bias, gate, residual)
+    if dev.type != "cuda" or capability(dev) < (9, 0):  # Gluon has no interpreter; TMA and wgmma are sm90+
+        raise HardwareError(f"{fn}: needs a Hopper (sm90+) GPU, got {dev}; use kernels.fp8_gemm.fp8_gemm")
     cfg = dict(config or GLUON_CONFIGS[0])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty((M, N), dtype=out_dtype, device=dev)

@@ -284,6 +284,26 @@ def test_fp8_gemm_variants_match_ref(variant, M, K, N):
     assert rel_rms(out, fp8_gemm_ref(a, sa1, w, sw1, out_dtype=torch.float32)) < 1e-5
 
 
+def test_fp8_gemm_gluon_arguments():
+    # the Gluon GEMM (Hopper only, no interpreter) checks its inputs before anything else, and refuses a CPU
+    pytest.importorskip("triton.experimental.gluon")
+    from kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from minisd35.errors import HardwareError
+
+    a, sa = quant_fp8_ref(randn(5, 72, seed=16))
+    w, sw = quant_fp8_ref(randn(40, 72, scale=0.05, seed=17))
+    with pytest.raises(InputError, match="K % 16"):
+        fp8_gemm_gluon(a, sa, w, sw)
+    with pytest.raises(InputError, match="w must be"):
+        fp8_gemm_gluon(a, sa, w[:, :64].contiguous(), sw)
+    a, sa = quant_fp8_ref(randn(5, 64, seed=16))
+    w, sw = quant_fp8_ref(randn(40, 64, scale=0.05, seed=17))
+    with pytest.raises(InputError, match="act"):
+        fp8_gemm_gluon(a, sa, w, sw, act="relu")
+    with pytest.raises(HardwareError, match="Hopper"):
+        fp8_gemm_gluon(a, sa, w, sw)
+
+
 def test_fp8_gemm_variant_arguments():
     from kernels.fp8_gemm import _prune_tma, fp8_gemm
 
