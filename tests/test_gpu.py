@@ -6,7 +6,8 @@
 - the fused forward (fast.py) with its Triton kernels equals the plain forward, and SDPA keeps the attention
   buffers' layout (the proj GEMMs read its output without a copy); attention="triton" / "fp8" eager and graphed,
   and the attention kernel's variants at an SD3.5 shape;
-- every FP8 GEMM variant a user may pick finishes and agrees with the reference ("ws" is refused);
+- every FP8 GEMM variant a user may pick finishes and agrees with the reference ("ws" is refused); the Gluon GEMM
+  with each epilogue on odd shapes, its error at K = 9728 that of precise accumulation;
 - the weight-only kernel's uint8 bit-decoding path (for GPUs whose Triton has no fp8 type) equals the fp8 path;
 - the autotuners' timing helper allocates an L2-sized flush buffer and agrees with triton.testing.do_bench;
 - determinism: the same seed gives byte-identical PNGs twice, in bf16 and in FP8.
@@ -244,6 +245,31 @@ def test_fp8_gemm_variants_at_an_sd35_shape(variant):
     if os.environ.get("MINISD35_GEMM_WS") != "1":
         with pytest.raises(HardwareError, match="deadlock"):
             fp8_gemm(a, sa, w, sw, bias, variant="ws")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="Hopper")
+def test_gluon_gemm_matches_the_reference():
+    # the Gluon GEMM (precise accumulation, epilogue fused) on odd shapes (one K tile, an odd and an even number of
+    # K tiles, N off the tile), with each epilogue, against fp8_gemm_ref; and its error at K = 9728 is the precise
+    # path's (an accumulator without promotion is 3x worse there on zero-mean data)
+    from kernels._common import rel_rms as rr
+    from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+    from kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from kernels.fp8_quant import quant_fp8_ref
+
+    torch.manual_seed(3)
+    for M, K, N in [(1, 80, 40), (67, 2432, 300), (130, 1536, 257), (1000, 9728, 2432)]:
+        a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
+        w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.05)
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        gate = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        for kw in ({}, {"act": "gelu_tanh"}, {"gate": gate, "residual": res, "rows_per_batch": M}):
+            ref = fp8_gemm_ref(a, sa, w, sw, bias, **kw)
+            assert rr(fp8_gemm_gluon(a, sa, w, sw, bias, **kw), ref) < 5e-3, (M, K, N, list(kw))
+    exact = (a.double() * sa[:, None].double()) @ (w.double() * sw[:, None].double()).t() + bias.double()
+    err = rr(fp8_gemm_gluon(a, sa, w, sw, bias, out_dtype=torch.float32), exact)
+    assert err < 2 * rr(fp8_gemm(a, sa, w, sw, bias, out_dtype=torch.float32), exact) + 1e-6, err
 
 
 def test_dequant_bitcast_path_matches():
