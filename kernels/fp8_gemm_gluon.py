@@ -16,8 +16,28 @@ tile k run into one of them (issued async), the fp32 adds promote tile k-1's fro
     load   K tile k + STAGES - 1 by TMA into the stage tile k-1 used (free now)
 
 Registers: three fp32 tiles (acc, P0, P1) of BLOCK_M * BLOCK_N / (32 * num_warps) each: 64 for 128 x 128 with 8
-warps, 192 in all. The loop is unrolled by two so that each partial is a fixed register set (a wgmma's accumulator
-is updated in place; issuing into a tile that is still being read would race).
+warps, 192 in all (ptxas: 204, no spills). The loop is unrolled by two so that each partial is a fixed register
+set (a wgmma's accumulator is updated in place; issuing into a tile that is still being read would race). A CTA
+barrier before each refill: a wgmma wait covers only the warpgroup that waits, and the stage being refilled was
+read by both.
+
+What it reaches (H200, Triton 3.6, GPU session 11, M = 8858, bench/results/2026-12-03_h200_session11/
+gemm_gluon_run3.json; every ratio against torch._scaled_mm row-wise with precise accumulation, same run):
+    layer (K -> N)        cuBLAS          fp8_gemm (Triton)   this kernel
+    qkv  2432 -> 7296     0.263 ms        0.72x               0.75x (GROUP_M 16: 0.77x)
+    proj 2432 -> 2432     0.095 ms        0.65x               0.55x
+    fc1  2432 -> 9728     0.342 ms        0.65x               0.65x
+    fc2  9728 -> 2432     0.327 ms        0.67x               0.81x (gated residual fused: 0.82x)
+The overlap pays where K is long (fc2: 76 K tiles per output tile). Where it is short (19 K tiles), what is left
+is each tile's prologue and epilogue: one program per SM (its 204 registers x 256 threads leave no room for a
+second), so an SM idles while its program fills the pipeline and while it scales and stores 128 x 128 outputs.
+In the fused forward (gemm="gluon") the step is slower than with cuBLAS + a separate epilogue pass (106.5 vs
+96.6 ms). A persistent version (one program per SM, K tiles counted across output tiles so that the next tile's
+loads run during this tile's epilogue) was written and measured slower in every layer (qkv 0.61x, fc2 0.62x; the
+same code launched one program per tile: 0.55x / 0.62x, so the rewrite itself, not persistence, lost: likely
+ptxas's schedule of the nested loop; gemm_gluon_run4_persistent.json), and was not kept. What the numbers say is
+left: the epilogue of one tile overlapping the MMAs of the next, i.e. warp specialisation (gl.warp_specialize: a
+producer warp, two consumer warpgroups ping-ponging), the design of cuBLAS's and DeepGEMM's Hopper kernels.
 """
 
 from __future__ import annotations
@@ -37,67 +57,49 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from kernels._common import FP8, capability, check_device, check_scale, check_tensor, on_device
 from minisd35.errors import HardwareError, InputError
 
-GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8,
-                  "PERSISTENT": True}]
+GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8}]
 
 
 @gluon.jit
-def _tile_coords(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """(row, column) offsets of output tile `tile` in grouped order (as kernels/_common.grouped_tile)."""
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (tile // group) * GROUP_M
-    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-    return (first_m + (tile % group) % size_m) * BLOCK_M, ((tile % group) // size_m) * BLOCK_N
-
-
-@gluon.jit
-def _load_tile(a_desc, w_desc, a_s, w_s, bars, g, k_tiles, num_progs, M, N, STAGES: gl.constexpr,
-               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr):
-    """TMA loads of this program's g-th K tile (output tile pid + (g // k_tiles) * num_progs, K tile g % k_tiles)
-    into stage g % STAGES; predicated off past the program's last output tile. Counting K tiles across output
-    tiles is what lets a persistent program prefetch its next tile while it finishes this one."""
-    tile = gl.program_id(0) + (g // k_tiles) * num_progs
-    ok = tile < gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
-    off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k0 = (g % k_tiles) * BLOCK_K
-    s = g % STAGES
+def _load_tile(a_desc, w_desc, a_s, w_s, bars, t, off_m, off_n, k_tiles, STAGES: gl.constexpr,
+               BLOCK_K: gl.constexpr):
+    """TMA loads of K tile t into stage t % STAGES (predicated off past the last tile)."""
+    s = t % STAGES
+    ok = t < k_tiles
     mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(a_desc, [off_m, k0], bars.index(s), a_s.index(s), pred=ok)
-    tma.async_copy_global_to_shared(w_desc, [off_n, k0], bars.index(s), w_s.index(s), pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [off_m, t * BLOCK_K], bars.index(s), a_s.index(s), pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [off_n, t * BLOCK_K], bars.index(s), w_s.index(s), pred=ok)
 
 
 @gluon.jit
-def _issue(a_s, w_s, bars, part, g, STAGES: gl.constexpr):
-    """Wait for K tile g's operands, then start its MMAs into `part` (zero-initialised), asynchronously."""
-    s = g % STAGES
-    mbarrier.wait(bars.index(s), (g // STAGES) & 1)
+def _issue(a_s, w_s, bars, part, t, STAGES: gl.constexpr):
+    """Wait for K tile t's operands, then start its MMAs into `part` (zero-initialised), asynchronously."""
+    s = t % STAGES
+    mbarrier.wait(bars.index(s), (t // STAGES) & 1)
     return warpgroup_mma(a_s.index(s), w_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _promote(acc, part, a_desc, w_desc, a_s, w_s, bars, g, k_tiles, num_progs, M, N, STAGES: gl.constexpr,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr):
-    """acc += K tile g's finished partial; then its stage is refilled with K tile g + STAGES. The stage is free
-    once *both* warpgroups are done with it (a wgmma wait is per warpgroup), hence the CTA barrier first."""
-    acc += part
-    gl.thread_barrier()
-    _load_tile(a_desc, w_desc, a_s, w_s, bars, g + STAGES, k_tiles, num_progs, M, N, STAGES, BLOCK_M, BLOCK_N,
-               BLOCK_K, GROUP_M)
-    return acc
 
 
 @gluon.jit
 def _fp8_gemm_gluon_kernel(
     a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, num_progs,
+    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
     A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Program pid computes output tiles pid, pid + num_progs, ... (one tile each when num_progs = #tiles)."""
+    # grouped tile order (as kernels/_common.grouped_tile)
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
     # wgmma accumulator layout: warps stacked along M (8 warps: two warpgroups of 64 rows each)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BLOCK_N, 32])
@@ -108,52 +110,38 @@ def _fp8_gemm_gluon_kernel(
         mbarrier.init(bars.index(s), count=1)
 
     k_tiles = gl.cdiv(K, BLOCK_K)
-    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
     for t in gl.static_range(STAGES):  # prologue: every stage loading
-        _load_tile(a_desc, w_desc, a_s, w_s, bars, t, k_tiles, num_progs, M, N, STAGES, BLOCK_M, BLOCK_N,
-                   BLOCK_K, GROUP_M)
-    base = 0  # this program's K tiles consumed before the current output tile
-    for tile in range(gl.program_id(0), num_tiles, num_progs):
-        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        # loop invariant at the top: p0 = tile k - 1's MMAs in flight (an async accumulator), p1 a free tile
-        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
-        p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
-        p0 = _issue(a_s, w_s, bars, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), base, STAGES)
-        for k in range(1, k_tiles - 1, 2):  # two K tiles per trip, k and k + 1 (both < k_tiles)
-            q1 = _issue(a_s, w_s, bars, p1, base + k, STAGES)  # tile k into P1
-            t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
-            acc = _promote(acc, t0, a_desc, w_desc, a_s, w_s, bars, base + k - 1, k_tiles, num_progs, M, N, STAGES,
-                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # during tile k's MMAs
-            p0 = _issue(a_s, w_s, bars, t0, base + k + 1, STAGES)  # tile k + 1 into P0
-            p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
-            acc = _promote(acc, p1, a_desc, w_desc, a_s, w_s, bars, base + k, k_tiles, num_progs, M, N, STAGES,
-                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-        if k_tiles % 2 == 0:  # one K tile left, into P1
-            r1 = _issue(a_s, w_s, bars, p1, base + k_tiles - 1, STAGES)
-            r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            acc = _promote(acc, r0, a_desc, w_desc, a_s, w_s, bars, base + k_tiles - 2, k_tiles, num_progs, M, N,
-                           STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-            r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
-            acc = _promote(acc, r1, a_desc, w_desc, a_s, w_s, bars, base + k_tiles - 1, k_tiles, num_progs, M, N,
-                           STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-        else:
-            r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-            acc = _promote(acc, r0, a_desc, w_desc, a_s, w_s, bars, base + k_tiles - 1, k_tiles, num_progs, M, N,
-                           STAGES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-        base += k_tiles
-        _epilogue(acc, off_m, off_n, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-                  gate_ptr, stride_gb, res_ptr, stride_rm, layout, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE,
-                  HAS_RES, BLOCK_M, BLOCK_N)
+        _load_tile(a_desc, w_desc, a_s, w_s, bars, t, off_m, off_n, k_tiles, STAGES, BLOCK_K)
+
+    # loop invariant at the top: p0 = tile k - 1's MMAs in flight (an async accumulator), p1 = a free register tile
+    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+    p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+    p0 = _issue(a_s, w_s, bars, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), 0, STAGES)
+    for k in range(1, k_tiles - 1, 2):  # two tiles per trip, k and k + 1 (both < k_tiles)
+        q1 = _issue(a_s, w_s, bars, p1, k, STAGES)  # tile k into P1
+        t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
+        acc += t0  # promotion of tile k - 1, while tile k's MMAs run
+        # tile k - 1's stage is free once *both* warpgroups are done with it (the wait is per warpgroup)
+        gl.thread_barrier()
+        _load_tile(a_desc, w_desc, a_s, w_s, bars, k - 1 + STAGES, off_m, off_n, k_tiles, STAGES, BLOCK_K)
+        p0 = _issue(a_s, w_s, bars, t0, k + 1, STAGES)  # tile k + 1 into P0
+        p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
+        acc += p1
+        gl.thread_barrier()
+        _load_tile(a_desc, w_desc, a_s, w_s, bars, k + STAGES, off_m, off_n, k_tiles, STAGES, BLOCK_K)
+    if k_tiles % 2 == 0:  # one tile left, into P1
+        r1 = _issue(a_s, w_s, bars, p1, k_tiles - 1, STAGES)
+        r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+        acc += r0
+        r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
+        acc += r1
+    else:
+        r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
+        acc += r0
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
 
-
-@gluon.jit
-def _epilogue(acc, off_m, off_n, M, N, rows_per_batch, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-              gate_ptr, stride_gb, res_ptr, stride_rm, layout: gl.constexpr, A_PER_ROW: gl.constexpr,
-              W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr, HAS_GATE: gl.constexpr,
-              HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """fp8_gemm's epilogue on the fp32 accumulator, one rounding at the store."""
+    # epilogue on the fp32 accumulator, one rounding at the store
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     rm = offs_m % M
@@ -215,14 +203,12 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk], a_layout)
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    persistent = cfg.pop("PERSISTENT", True)  # one program per SM walking the tiles, or one program per tile
-    grid = (min(tiles, torch.cuda.get_device_properties(dev).multi_processor_count) if persistent else tiles,)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     with on_device(dev):
         _fp8_gemm_gluon_kernel[grid](
             a_desc, w_desc, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)),
             M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
-            residual.stride(0) if residual is not None else 0, grid[0], A_PER_ROW=a_scale.numel() > 1,
+            residual.stride(0) if residual is not None else 0, A_PER_ROW=a_scale.numel() > 1,
             W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act, HAS_GATE=gate is not None,
             HAS_RES=residual is not None, **cfg)
     return out
@@ -260,7 +246,7 @@ if __name__ == "__main__":
         res["checks"].append({"epilogue": str(list(kw)), "rel_err_vs_ref": err})
         print(f"check epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     configs = [GLUON_CONFIGS[0]] + [{**GLUON_CONFIGS[0], **c} for c in
-                                    ({"PERSISTENT": False}, {"GROUP_M": 16}, {"STAGES": 5}, {"STAGES": 3})]
+                                    ({"STAGES": 3}, {"STAGES": 5}, {"GROUP_M": 16})]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
         M = 8858
@@ -272,7 +258,7 @@ if __name__ == "__main__":
                  ("_scaled_mm row-wise fast_accum", lambda: scaled_mm(a, sa, w, sw, bias, fast_accum=True), ref),
                  ("fp8_gemm precise", lambda: fp8_gemm(a, sa, w, sw, bias), ref)]
         impls += [(f"gluon {c}", lambda c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c), ref)
-                  for c in (configs if layer == "qkv" else configs[:2])]
+                  for c in (configs if layer == "qkv" else configs[:1])]
         if layer in ("fc1", "fc2"):  # with the epilogue the model fuses there, against fp8_gemm's
             kw = {"act": "gelu_tanh"} if layer == "fc1" else {
                 "gate": torch.randn(2, N, device="cuda", dtype=torch.bfloat16),

@@ -407,7 +407,7 @@ if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
-    gcfg = {k: v for k, v in fp8_gemm_gluon.GLUON_CONFIGS[0].items() if k != "PERSISTENT"}  # PERSISTENT: the grid
+    gcfg = dict(fp8_gemm_gluon.GLUON_CONFIGS[0])
     bm, bn, bk = gcfg["BLOCK_M"], gcfg["BLOCK_N"], gcfg["BLOCK_K"]
     t = torch.empty(256, 256, dtype=torch.float8_e4m3fn)
     desc = lambda r: mangle_type(TensorDescriptor(t, [256, 256], [256, 1], [r, bk],
@@ -415,7 +415,7 @@ if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launch
     build("gemm gluon precise", fp8_gemm_gluon._fp8_gemm_gluon_kernel,
           {"a_desc": desc(bm), "w_desc": desc(bn), "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
            "bias_ptr": "*bf16", "gate_ptr": "*bf16", "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-           "rows_per_batch": "i32", "stride_om": "i32", "stride_gb": "i32", "stride_rm": "i32", "num_progs": "i32"},
+           "rows_per_batch": "i32", "stride_om": "i32", "stride_gb": "i32", "stride_rm": "i32"},
           dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True,
                **gcfg), warps=gcfg["num_warps"])
 for name, bm, bn, acc, epi in [("precise 128x128 fused epilogue", 128, 128, 2, full),
