@@ -9,6 +9,9 @@ TRITON_INTERPRET=1 on a CPU). bench/kernels_gpu.py runs all of them on a GPU and
                          (variant: "default" | "add" | "tma" | "persistent"; "ws" = TMA + warp specialisation
                          deadlocks with Triton 3.6 on an H200 and is refused on a GPU)
                          scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, fast_accum)   the torch._scaled_mm path
+    fp8_gemm_gluon.py    fp8_gemm_gluon(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual,
+                         rows_per_batch) -> out     the same, precise accumulation, in Gluon (Hopper): async wgmma
+                         into two alternating partials, so the promotion adds overlap the next tile's MMAs
     fp8_dequant_gemm.py  dequant_gemm(x, w, w_scale, bias, bitcast=None, route="auto") -> y   weight-only FP8
                          (any GPU; M <= 4 picks the faster of two GEMV kernels on its first call per layer shape;
                          from M = 512 on: dequant_weight(w, w_scale, dtype) + F.linear, i.e. cuBLAS)
