@@ -405,19 +405,25 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
                      variant)
 
 
-def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch, acc_mode: int,
-              variant: str = "default"):
-    fn = "fp8_gemm"
+def check_gemm_args(fn: str, a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch):
+    """The checks every scaled FP8 GEMM here makes (fp8_gemm, fp8_gemm_gluon): returns M, N, K, rows_per_batch
+    resolved and the device."""
     check_tensor(fn, "a", a, (FP8,), ndim=2)
     check_tensor(fn, "w", w, (FP8,), ndim=2)
     M, K = a.shape
     N = w.shape[0]
     if w.shape[1] != K:
-        raise InputError(f"fp8_gemm: a is [{M}, {K}] but w is {list(w.shape)}; w must be [N, {K}] (nn.Linear layout)")
+        raise InputError(f"{fn}: a is [{M}, {K}] but w is {list(w.shape)}; w must be [N, {K}] (nn.Linear layout)")
     check_scale(fn, "a_scale", a_scale, M, "row of a (token)")
     check_scale(fn, "w_scale", w_scale, N, "row of w (output channel)")
     rows_per_batch = _check_epilogue(fn, M, N, bias, out_dtype, act, gate, residual, rows_per_batch)
-    dev = check_device(fn, a, w, a_scale, w_scale, bias, gate, residual)
+    return M, N, K, rows_per_batch, check_device(fn, a, w, a_scale, w_scale, bias, gate, residual)
+
+
+def _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual, rows_per_batch, acc_mode: int,
+              variant: str = "default"):
+    M, N, K, rows_per_batch, dev = check_gemm_args("fp8_gemm", a, a_scale, w, w_scale, bias, out_dtype, act, gate,
+                                                   residual, rows_per_batch)
 
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:

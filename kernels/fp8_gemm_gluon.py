@@ -54,7 +54,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from kernels._common import FP8, capability, check_device, check_scale, check_tensor, on_device
+from kernels._common import capability, on_device
 from minisd35.errors import HardwareError, InputError
 
 GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8}]
@@ -177,21 +177,13 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from kernels.fp8_gemm import _check_epilogue
+    from kernels.fp8_gemm import check_gemm_args
 
     fn = "fp8_gemm_gluon"
-    check_tensor(fn, "a", a, (FP8,), ndim=2)
-    check_tensor(fn, "w", w, (FP8,), ndim=2)
-    M, K = a.shape
-    N = w.shape[0]
-    if w.shape[1] != K:
-        raise InputError(f"{fn}: a is [{M}, {K}] but w is {list(w.shape)}; w must be [N, {K}]")
+    M, N, K, rows_per_batch, dev = check_gemm_args(fn, a, a_scale, w, w_scale, bias, out_dtype, act, gate, residual,
+                                                   rows_per_batch)
     if K % 16 or a.stride(1) != 1 or w.stride(1) != 1:
         raise InputError(f"{fn}: TMA needs K % 16 == 0 and K-contiguous rows (K = {K})")
-    check_scale(fn, "a_scale", a_scale, M, "row of a (token)")
-    check_scale(fn, "w_scale", w_scale, N, "row of w (output channel)")
-    rows_per_batch = _check_epilogue(fn, M, N, bias, out_dtype, act, gate, residual, rows_per_batch)
-    dev = check_device(fn, a, w, a_scale, w_scale, bias, gate, residual)
     if dev.type != "cuda" or capability(dev) < (9, 0):  # Gluon has no interpreter; TMA and wgmma are sm90+
         raise HardwareError(f"{fn}: needs a Hopper (sm90+) GPU, got {dev}; use kernels.fp8_gemm.fp8_gemm")
     cfg = dict(config or GLUON_CONFIGS[0])
