@@ -185,7 +185,8 @@ class Linear8:
     2026-11-22_h200_session1/kernels.json), _scaled_mm + a separate pass was faster on every SD3.5 shape, so it is
     the default; the Triton kernel is kept for the fused variants and as the teaching implementation. "gluon"
     runs kernels/fp8_gemm_gluon.py (Hopper; precise accumulation whose promotion overlaps the MMAs, epilogue
-    fused) and, with fast_accum, the Triton kernel."""
+    fused) and, with fast_accum, the Triton kernel; also slower in the step than the default (SD3.5 Large 1024,
+    H200: 106.5 vs 96.6 ms, bench/results/2026-12-03_h200_session11)."""
 
     def __init__(self, lin: nn.Module, fast_accum: bool = False, gemm: str = "scaled_mm"):
         self.lin, self.fast_accum, self.gemm = lin, fast_accum, gemm
@@ -201,12 +202,14 @@ class Linear8:
         bias = None if m.bias is None else m.bias.to(out_dtype)
         if x8.is_cuda and self.gemm in ("triton", "gluon") and resolve_impl(x8.device, m.impl) == "triton":
             if self.gemm == "gluon" and not self.fast_accum:
-                from kernels.fp8_gemm_gluon import fp8_gemm_gluon as gemm
-            else:
-                from kernels.fp8_gemm import fp8_gemm as gemm
-            kw = {} if gemm.__name__ == "fp8_gemm_gluon" else {"fast_accum": self.fast_accum}
-            return gemm(x8, xs, m.weight, m.weight_scale, bias, out_dtype, gate=gate, residual=residual,
-                        rows_per_batch=rows, **kw)
+                from kernels.fp8_gemm_gluon import fp8_gemm_gluon
+
+                return fp8_gemm_gluon(x8, xs, m.weight, m.weight_scale, bias, out_dtype, gate=gate,
+                                      residual=residual, rows_per_batch=rows)
+            from kernels.fp8_gemm import fp8_gemm
+
+            return fp8_gemm(x8, xs, m.weight, m.weight_scale, bias, out_dtype, gate=gate, residual=residual,
+                            rows_per_batch=rows, fast_accum=self.fast_accum)
         if x8.is_cuda:
             y = scaled_mm(x8, xs, m.weight, m.weight_scale, bias, out_dtype, fast_accum=self.fast_accum)
         else:  # the reference: every product of two E4M3 values is exact in fp32
