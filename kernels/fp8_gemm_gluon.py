@@ -21,23 +21,26 @@ set (a wgmma's accumulator is updated in place; issuing into a tile that is stil
 barrier before each refill: a wgmma wait covers only the warpgroup that waits, and the stage being refilled was
 read by both.
 
-What it reaches (H200, Triton 3.6, GPU session 11, M = 8858, bench/results/2026-12-03_h200_session11/
-gemm_gluon_run3.json; every ratio against torch._scaled_mm row-wise with precise accumulation, same run):
-    layer (K -> N)        cuBLAS          fp8_gemm (Triton)   this kernel
-    qkv  2432 -> 7296     0.263 ms        0.72x               0.75x (GROUP_M 16: 0.77x)
-    proj 2432 -> 2432     0.095 ms        0.65x               0.55x
-    fc1  2432 -> 9728     0.342 ms        0.65x               0.65x
-    fc2  9728 -> 2432     0.327 ms        0.67x               0.81x (gated residual fused: 0.82x)
-The overlap pays where K is long (fc2: 76 K tiles per output tile). Where it is short (19 K tiles), what is left
-is each tile's prologue and epilogue: one program per SM (its 204 registers x 256 threads leave no room for a
-second), so an SM idles while its program fills the pipeline and while it scales and stores 128 x 128 outputs.
-In the fused forward (gemm="gluon") the step is slower than with cuBLAS + a separate epilogue pass (106.5 vs
-96.6 ms). A persistent version (one program per SM, K tiles counted across output tiles so that the next tile's
-loads run during this tile's epilogue) was written and measured slower in every layer (qkv 0.61x, fc2 0.62x; the
-same code launched one program per tile: 0.55x / 0.62x, so the rewrite itself, not persistence, lost: likely
-ptxas's schedule of the nested loop; gemm_gluon_run4_persistent.json), and was not kept. What the numbers say is
-left: the epilogue of one tile overlapping the MMAs of the next, i.e. warp specialisation (gl.warp_specialize: a
-producer warp, two consumer warpgroups ping-ponging), the design of cuBLAS's and DeepGEMM's Hopper kernels.
+What it reaches (H200, Triton 3.6, GPU session 11, M = 8858; every ratio against torch._scaled_mm row-wise with
+precise accumulation in the same run; bench/results/2026-12-03_h200_session11/gemm_gluon_run3.json, _run5.json):
+    layer (K -> N)        cuBLAS          fp8_gemm (Triton)   this kernel, GROUP_M 8 / 16
+    qkv  2432 -> 7296     0.263-0.264 ms  0.72x               0.71-0.75x / 0.77-0.78x
+    proj 2432 -> 2432     0.095-0.098 ms  0.65-0.75x          0.55-0.79x / 0.79x
+    fc1  2432 -> 9728     0.342 ms        0.65x               0.65-0.69x / 0.70x
+    fc2  9728 -> 2432     0.327-0.329 ms  0.67-0.68x          0.81-0.82x / 0.83x (gated residual fused: 0.82x)
+(GROUP_M 16 timed in run 5 on all four, in run 3 on qkv only; proj's spread is between the two runs.)
+The overlap pays where K is long (fc2: 76 K tiles per output tile). Where it is short (19 K tiles), what is left is
+each tile's prologue and epilogue: one program per SM (its 204 registers x 256 threads leave no room for a second),
+so an SM idles while its program fills the pipeline and while it scales and stores 128 x 128 outputs. In the fused
+forward (gemm="gluon", GROUP_M 8) the step is slower than with cuBLAS + a separate epilogue pass (106.5 vs 96.6 ms,
+run 3). 64-row tiles with one warpgroup (two programs per SM, so that one's epilogue could overlap the other's MMAs)
+were no better (run 5: 0.62-0.75x). A persistent version (one program per SM, K tiles counted across output tiles so
+that the next tile's loads run during this tile's epilogue) was written and measured in run 4: qkv 0.61x, fc2 0.62x,
+and 0.55x / 0.62x when launched one program per tile, below this kernel's figures of the other runs (a comparison
+across runs, rough: this kernel's proj moved from 0.55x to 0.79x between runs 3 and 5); not kept
+(gemm_gluon_run4_persistent.json). What is likely left (inferred, not profiled): the epilogue of one tile
+overlapping the MMAs of the next, i.e. warp specialisation (gl.warp_specialize: a producer warp, two consumer
+warpgroups ping-ponging), the design of cuBLAS's and DeepGEMM's Hopper kernels.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from kernels._common import capability, on_device
 from minisd35.errors import HardwareError, InputError
 
-GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8}]
+# GROUP_M 16 was the fastest of the configs timed in GPU session 11 on all four Large layers (run 5: 0.70-0.84x of
+# cuBLAS against 0.69-0.82x with GROUP_M 8); 3 or 5 stages and 64-row tiles (two programs per SM) were slower
+GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 16, "num_warps": 8}]
 
 
 @gluon.jit
@@ -241,7 +246,7 @@ if __name__ == "__main__":
     # prologue / epilogue can run during the other's MMAs
     configs = [GLUON_CONFIGS[0]] + [{**GLUON_CONFIGS[0], **c} for c in
                                     ({"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 64, "num_warps": 4, "STAGES": 3},
-                                     {"GROUP_M": 16})]
+                                     {"GROUP_M": 8})]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
         M = 8858
