@@ -24,9 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-LARGE = {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728), "fc2": (9728, 2432)}  # name: (K, N)
-M_TOKENS = 8858
+from kernels_gpu import LARGE, M_TOKENS  # noqa: E402  (the SD3.5 Large layer shapes, (K, N); 2 x 4429 tokens)
+
 # label: (warp specialised, fast accumulation, BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
 PROBES = {
     "tma precise 128x128x128 s4 w8": (False, False, 128, 128, 128, 4, 8),

@@ -324,9 +324,9 @@ def run_bench(variant: str = "sd3.5-large", px: int = 1024, batch: int = 2, poli
               image_steps: int = 0, sustained_s: float = 0, profile: bool = False, attention=("triton", "fp8"),
               configs=None, log=print) -> dict:
     """The benchmark behind `python -m minisd35 bench` (see the module docstring). configs: the fast-path options
-    timed on the first FP8 policy besides its default, each '+'-joined from fast-accum, triton-gemm and attn-MODE;
-    None: fast-accum, triton-gemm, attn-MODE per `attention`, and attn-fp8+fast-accum. The sustained run covers the
-    default and the last config."""
+    timed on the first FP8 policy besides its default, each '+'-joined from fast-accum, triton-gemm, gluon-gemm and
+    attn-MODE; None: fast-accum, triton-gemm, attn-MODE per `attention`, and attn-fp8+fast-accum. The sustained run
+    covers the default and the last config."""
     from . import fp8
     from .fast import accelerate
 
