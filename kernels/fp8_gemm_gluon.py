@@ -63,6 +63,11 @@ from minisd35.errors import HardwareError, InputError
 # GROUP_M 16 was the fastest of the configs timed in GPU session 11 on all four Large layers (run 5: 0.70-0.84x of
 # cuBLAS against 0.69-0.82x with GROUP_M 8); 3 or 5 stages and 64-row tiles (two programs per SM) were slower
 GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 16, "num_warps": 8}]
+# variant="ws": STAGES per consumer ring (two rings of 32 KB stages: 192 KB); registers per thread for the consumer
+# warpgroups and the producer warps (setmaxnreg), the launch cap being 65536 / 384 threads (three warpgroups)
+GLUON_WS_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 3, "GROUP_M": 16, "num_warps": 4,
+                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168}]
+VARIANTS = ("pipelined", "ws")
 
 
 @gluon.jit
@@ -85,6 +90,52 @@ def _issue(a_s, w_s, bars, part, t, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _tile_offsets(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """Grouped tile order (as kernels/_common.grouped_tile): GROUP_M row tiles share each column of W in turn."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % group) % size_m
+    pid_n = (tile % group) // size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _epilogue(acc, off_m, off_n, layout: gl.constexpr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr,
+              res_ptr, M, N, rows_per_batch, stride_om, stride_gb, stride_rm,
+              A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+              HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr):
+    """fp8_gemm's epilogue on an fp32 accumulator tile at (off_m, off_n); one rounding at the store."""
+    offs_m = off_m + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    offs_n = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    rm = offs_m % M
+    rn = offs_n % N
+    if A_PER_ROW:
+        acc = acc * gl.expand_dims(gl.load(a_scale_ptr + rm), 1)
+    else:
+        acc = acc * gl.load(a_scale_ptr)
+    if W_PER_COL:
+        acc = acc * gl.expand_dims(gl.load(w_scale_ptr + rn), 0)
+    else:
+        acc = acc * gl.load(w_scale_ptr)
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(bias_ptr + rn).to(gl.float32), 0)
+    if ACT == "gelu_tanh":  # as fp8_gemm's _gelu_tanh: x * sigmoid(2u)
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + gl.exp(-2.0 * u))
+    if HAS_GATE:
+        acc = acc * gl.load(gate_ptr + gl.expand_dims(rm // rows_per_batch, 1) * stride_gb
+                            + gl.expand_dims(rn, 0)).to(gl.float32)
+    if HAS_RES:
+        acc = acc + gl.load(res_ptr + gl.expand_dims(rm, 1) * stride_rm + gl.expand_dims(rn, 0)).to(gl.float32)
+    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
+    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _fp8_gemm_gluon_kernel(
     a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
     M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
@@ -93,17 +144,7 @@ def _fp8_gemm_gluon_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, num_warps: gl.constexpr,
 ):
-    # grouped tile order (as kernels/_common.grouped_tile)
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # wgmma accumulator layout: warps stacked along M (8 warps: two warpgroups of 64 rows each)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -146,40 +187,119 @@ def _fp8_gemm_gluon_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
 
-    # epilogue on the fp32 accumulator, one rounding at the store
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    rm = offs_m % M
-    rn = offs_n % N
-    if A_PER_ROW:
-        acc = acc * gl.expand_dims(gl.load(a_scale_ptr + rm), 1)
-    else:
-        acc = acc * gl.load(a_scale_ptr)
-    if W_PER_COL:
-        acc = acc * gl.expand_dims(gl.load(w_scale_ptr + rn), 0)
-    else:
-        acc = acc * gl.load(w_scale_ptr)
-    if HAS_BIAS:
-        acc = acc + gl.expand_dims(gl.load(bias_ptr + rn).to(gl.float32), 0)
-    if ACT == "gelu_tanh":  # as fp8_gemm's _gelu_tanh: x * sigmoid(2u)
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + gl.exp(-2.0 * u))
-    if HAS_GATE:
-        acc = acc * gl.load(gate_ptr + gl.expand_dims(rm // rows_per_batch, 1) * stride_gb
-                            + gl.expand_dims(rn, 0)).to(gl.float32)
-    if HAS_RES:
-        acc = acc + gl.load(res_ptr + gl.expand_dims(rm, 1) * stride_rm + gl.expand_dims(rn, 0)).to(gl.float32)
-    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
-    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
-    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _epilogue(acc, off_m, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+              rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+
+
+# The warp-specialised persistent variant (variant="ws"). One program per SM and five partitions:
+#   consumer 0 (the default partition, 4 warps) and consumer 1 (4 warps): each owns alternate output tiles of the
+#       program (tile pid + (2j + c) * programs), 128 x BLOCK_N each, and runs its whole K loop and epilogue;
+#   producer 0 and producer 1 (1 warp each, few registers): TMA loads of their consumer's K tiles into its own ring
+#       of STAGES stages, STAGES ahead, gated by the ring's "empty" barriers.
+# The two consumers are not synchronised with each other. While one waits for its wgmma or promotes (adds the
+# partial into the fp32 accumulator) or runs its epilogue, the other's wgmmas keep the tensor cores busy: that is
+# the overlap the pipelined kernel above writes out by hand with two partials, here had from the warp scheduler,
+# and it covers the epilogue and the pipeline fill too (the next tile's loads run during this tile's epilogue).
+# Registers per consumer thread: the 128-row accumulator as two 64-row halves (2 x 64) and one 64-row partial (64):
+# each K tile is two wgmma groups (top half, bottom half), each waited for and promoted before the next is issued.
+@gluon.jit
+def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, C: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    g = 0  # K tiles loaded into this ring so far: stage g % STAGES, pass g // STAGES over the ring
+    for tile in range(gl.program_id(0) + C * gl.num_programs(0), num_tiles, 2 * gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        for k in range(k_tiles):
+            s = C * STAGES + g % STAGES
+            # the consumer frees a stage once its wgmmas on it are done; a fresh barrier passes phase 1 at once
+            mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [off_m, k * BLOCK_K], ready.index(s), a_s.index(s))
+            tma.async_copy_global_to_shared(w_desc, [off_n, k * BLOCK_K], ready.index(s), w_s.index(s))
+            g += 1
+
+
+@gluon.jit
+def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                 M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
+                 A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                 HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    HALF: gl.constexpr = BLOCK_M // 2
+    # one warpgroup: its 4 warps stacked along the 64 rows of a half tile
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BLOCK_N, 32])
+    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    g = 0
+    for tile in range(gl.program_id(0) + C * gl.num_programs(0), num_tiles, 2 * gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        top = gl.zeros((HALF, BLOCK_N), gl.float32, layout)
+        bot = gl.zeros((HALF, BLOCK_N), gl.float32, layout)
+        part = gl.zeros((HALF, BLOCK_N), gl.float32, layout)  # per tile, so that it is dead during the epilogue
+        for _k in range(k_tiles):
+            s = C * STAGES + g % STAGES
+            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+            a = a_s.index(s)
+            w = w_s.index(s).permute((1, 0))
+            # 128 products per output into a zeroed partial, then one fp32 add: the promotion
+            part = warpgroup_mma(a.slice(0, HALF), w, part, use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+            top += part
+            part = warpgroup_mma(a.slice(HALF, HALF), w, part, use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+            mbarrier.arrive(empty.index(s), count=1)  # both halves' wgmmas have read the stage
+            bot += part
+            g += 1
+        _epilogue(top, off_m, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                  rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE,
+                  HAS_RES)
+        _epilogue(bot, off_m + HALF, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                  M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                  HAS_GATE, HAS_RES)
+
+
+@gluon.jit
+def _fp8_gemm_gluon_ws_kernel(
+    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
+    A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+    HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
+    # two rings of STAGES stages, ring c = stages c * STAGES .. c * STAGES + STAGES - 1
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(2 * STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    # the partitions' arguments, written out (tuple concatenation would turn the constexpr flags into tensors)
+    gl.warp_specialize([
+        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                        GROUP_M)),
+        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 1, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                        GROUP_M)),
+    ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
 def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, act: str = "none",
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   rows_per_batch: int = 0, config: dict | None = None) -> torch.Tensor:
+                   rows_per_batch: int = 0, config: dict | None = None, variant: str = "pipelined") -> torch.Tensor:
     """The same product and epilogue as fp8_gemm(..., fast_accum=False) on a Hopper GPU (TMA + wgmma).
-    a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]."""
+    a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]. variant: "pipelined" (one output
+    tile per program, the promotion overlapped by hand) or "ws" (persistent, warp-specialised; see above)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from kernels.fp8_gemm import check_gemm_args
@@ -191,7 +311,9 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
         raise InputError(f"{fn}: TMA needs K % 16 == 0 and K-contiguous rows (K = {K})")
     if dev.type != "cuda" or capability(dev) < (9, 0):  # Gluon has no interpreter; TMA and wgmma are sm90+
         raise HardwareError(f"{fn}: needs a Hopper (sm90+) GPU, got {dev}; use kernels.fp8_gemm.fp8_gemm")
-    cfg = dict(config or GLUON_CONFIGS[0])
+    if variant not in VARIANTS:
+        raise InputError(f"{fn}: variant={variant!r} is not one of {VARIANTS}")
+    cfg = dict(config or (GLUON_WS_CONFIGS if variant == "ws" else GLUON_CONFIGS)[0])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:
@@ -200,9 +322,13 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk], a_layout)
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    kernel = _fp8_gemm_gluon_kernel
+    if variant == "ws":  # persistent: one program per SM, two tiles at a time
+        kernel = _fp8_gemm_gluon_ws_kernel
+        tiles = min(tiles, torch.cuda.get_device_properties(dev).multi_processor_count)
     with on_device(dev):
-        _fp8_gemm_gluon_kernel[grid](
+        kernel[(tiles,)](
             a_desc, w_desc, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)),
             M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
             residual.stride(0) if residual is not None else 0, A_PER_ROW=a_scale.numel() > 1,
@@ -225,28 +351,33 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "commit": os.environ.get("MINISD35_COMMIT", "unknown"), "checks": [], "rows": []}
-    for M, K, N in [(1, 80, 40), (3, 2432, 200), (67, 1536, 136), (300, 9728, 2432), (129, 256, 257)]:
+    variants = os.environ.get("GLUON_VARIANTS", ",".join(VARIANTS)).split(",")
+    # odd shapes; (3000, 512, 1500) has 288 tiles, so the persistent variant's programs take two or three each
+    for M, K, N in [(1, 80, 40), (3, 2432, 200), (67, 1536, 136), (300, 9728, 2432), (129, 256, 257),
+                    (3000, 512, 1500)]:
         a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
         w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.05)
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-        err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias), fp8_gemm_ref(a, sa, w, sw, bias))
-        res["checks"].append({"M": M, "K": K, "N": N, "rel_err_vs_ref": err})
-        print(f"check M={M} K={K} N={N}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
+        for v in variants:
+            err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias, variant=v), fp8_gemm_ref(a, sa, w, sw, bias))
+            res["checks"].append({"variant": v, "M": M, "K": K, "N": N, "rel_err_vs_ref": err})
+            print(f"check {v} M={M} K={K} N={N}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     # the fused epilogues (fc1 + GELU, fc2 + gated residual), two samples of 67 rows
     a, sa = quant_fp8_ref(torch.randn(134, 2432, device="cuda"))
     w, sw = quant_fp8_ref(torch.randn(300, 2432, device="cuda") * 0.05)
     bias = torch.randn(300, device="cuda", dtype=torch.bfloat16)
     gate = torch.randn(2, 300, device="cuda", dtype=torch.bfloat16)
     resid = torch.randn(134, 300, device="cuda", dtype=torch.bfloat16)
-    for kw in ({"act": "gelu_tanh"}, {"gate": gate, "residual": resid, "rows_per_batch": 67}):
-        err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias, **kw), fp8_gemm_ref(a, sa, w, sw, bias, **kw))
-        res["checks"].append({"epilogue": str(list(kw)), "rel_err_vs_ref": err})
-        print(f"check epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
-    # 64-row tiles with one warpgroup: half the registers per program, so two programs share an SM and one's
-    # prologue / epilogue can run during the other's MMAs
-    configs = [GLUON_CONFIGS[0]] + [{**GLUON_CONFIGS[0], **c} for c in
-                                    ({"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 64, "num_warps": 4, "STAGES": 3},
-                                     {"GROUP_M": 8})]
+    for v in variants:
+        for kw in ({"act": "gelu_tanh"}, {"gate": gate, "residual": resid, "rows_per_batch": 67}):
+            err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias, variant=v, **kw), fp8_gemm_ref(a, sa, w, sw, bias, **kw))
+            res["checks"].append({"variant": v, "epilogue": str(list(kw)), "rel_err_vs_ref": err})
+            print(f"check {v} epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
+    # the default config of each variant, and the candidates timed beside it
+    configs = [("pipelined", GLUON_CONFIGS[0]), ("pipelined", {**GLUON_CONFIGS[0], "GROUP_M": 8})]
+    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "GROUP_M": 8}),
+                ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 2})]
+    configs = [(v, c) for v, c in configs if v in variants]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
         M = 8858
@@ -257,15 +388,16 @@ if __name__ == "__main__":
         impls = [("_scaled_mm row-wise", lambda: scaled_mm(a, sa, w, sw, bias), ref),
                  ("_scaled_mm row-wise fast_accum", lambda: scaled_mm(a, sa, w, sw, bias, fast_accum=True), ref),
                  ("fp8_gemm precise", lambda: fp8_gemm(a, sa, w, sw, bias), ref)]
-        impls += [(f"gluon {c}", lambda c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c), ref)
-                  for c in configs]
+        impls += [(f"gluon {v} {c}", lambda v=v, c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c, variant=v), ref)
+                  for v, c in configs]
         if layer in ("fc1", "fc2"):  # with the epilogue the model fuses there, against fp8_gemm's
             kw = {"act": "gelu_tanh"} if layer == "fc1" else {
                 "gate": torch.randn(2, N, device="cuda", dtype=torch.bfloat16),
                 "residual": torch.randn(M, N, device="cuda", dtype=torch.bfloat16), "rows_per_batch": M // 2}
             fused = fp8_gemm_ref(a, sa, w, sw, bias, **kw)
             impls += [("fp8_gemm precise fused", lambda kw=kw: fp8_gemm(a, sa, w, sw, bias, **kw), fused),
-                      ("gluon fused", lambda kw=kw: fp8_gemm_gluon(a, sa, w, sw, bias, **kw), fused)]
+                      *((f"gluon {v} fused", lambda kw=kw, v=v: fp8_gemm_gluon(a, sa, w, sw, bias, variant=v, **kw),
+                         fused) for v in variants)]
         base = None
         for name, f, r in impls:
             err = rel_rms(f(), r)
@@ -275,6 +407,6 @@ if __name__ == "__main__":
                    "TFLOPs": 2 * M * N * K / ms * 1e-9, "speed_vs_scaled_mm": base / ms}
             res["rows"].append(row)
             print(row, flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gemm_gluon.json"), "w") as fh:
-            json.dump(res, fh, indent=1)
+        if os.environ.get("OUT"):  # after every layer: a launch that hangs leaves the layers before it
+            with open(os.path.join(os.environ["OUT"], "gemm_gluon.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
