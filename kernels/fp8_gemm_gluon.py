@@ -66,7 +66,7 @@ GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "
 # variant="ws": STAGES per consumer ring (two rings of 32 KB stages: 192 KB); registers per thread for the consumer
 # warpgroups and the producer warps (setmaxnreg), the launch cap being 65536 / 384 threads (three warpgroups)
 GLUON_WS_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 3, "GROUP_M": 16, "num_warps": 4,
-                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168}]
+                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168, "COOP": False}]
 VARIANTS = ("pipelined", "ws")
 
 
@@ -204,15 +204,18 @@ def _fp8_gemm_gluon_kernel(
 # each K tile is two wgmma groups (top half, bottom half), each waited for and promoted before the next is issued.
 @gluon.jit
 def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, C: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                 COOP: gl.constexpr):
+    TILE_M: gl.constexpr = 2 * BLOCK_M if COOP else BLOCK_M  # the rows one stage's A box holds
+    num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
     g = 0  # K tiles loaded into this ring so far: stage g % STAGES, pass g // STAGES over the ring
-    for tile in range(gl.program_id(0) + C * gl.num_programs(0), num_tiles, 2 * gl.num_programs(0)):
-        off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    first = gl.program_id(0) if COOP else gl.program_id(0) + C * gl.num_programs(0)
+    for tile in range(first, num_tiles, gl.num_programs(0) if COOP else 2 * gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
         for k in range(k_tiles):
-            s = C * STAGES + g % STAGES
-            # the consumer frees a stage once its wgmmas on it are done; a fresh barrier passes phase 1 at once
+            s = C * STAGES + g % STAGES  # (COOP: the one producer, C = 0)
+            # the consumer(s) free a stage once their wgmmas on it are done; a fresh barrier passes phase 1 at once
             mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [off_m, k * BLOCK_K], ready.index(s), a_s.index(s))
@@ -225,29 +228,33 @@ def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias
                  M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
                  A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
                  HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, COOP: gl.constexpr):
     HALF: gl.constexpr = BLOCK_M // 2
+    TILE_M: gl.constexpr = 2 * BLOCK_M if COOP else BLOCK_M
+    ROW0: gl.constexpr = C * BLOCK_M if COOP else 0  # this consumer's rows in the stage's A box
     # one warpgroup: its 4 warps stacked along the 64 rows of a half tile
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                      instr_shape=[16, BLOCK_N, 32])
-    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
     g = 0
-    for tile in range(gl.program_id(0) + C * gl.num_programs(0), num_tiles, 2 * gl.num_programs(0)):
-        off_m, off_n = _tile_offsets(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    first = gl.program_id(0) if COOP else gl.program_id(0) + C * gl.num_programs(0)
+    for tile in range(first, num_tiles, gl.num_programs(0) if COOP else 2 * gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
+        off_m += ROW0
         top = gl.zeros((HALF, BLOCK_N), gl.float32, layout)
         bot = gl.zeros((HALF, BLOCK_N), gl.float32, layout)
         part = gl.zeros((HALF, BLOCK_N), gl.float32, layout)  # per tile, so that it is dead during the epilogue
         for _k in range(k_tiles):
-            s = C * STAGES + g % STAGES
+            s = g % STAGES if COOP else C * STAGES + g % STAGES
             mbarrier.wait(ready.index(s), (g // STAGES) & 1)
             a = a_s.index(s)
             w = w_s.index(s).permute((1, 0))
             # 128 products per output into a zeroed partial, then one fp32 add: the promotion
-            part = warpgroup_mma(a.slice(0, HALF), w, part, use_acc=False, is_async=True)
+            part = warpgroup_mma(a.slice(ROW0, HALF), w, part, use_acc=False, is_async=True)
             part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
             top += part
-            part = warpgroup_mma(a.slice(HALF, HALF), w, part, use_acc=False, is_async=True)
+            part = warpgroup_mma(a.slice(ROW0 + HALF, HALF), w, part, use_acc=False, is_async=True)
             part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
             mbarrier.arrive(empty.index(s), count=1)  # both halves' wgmmas have read the stage
             bot += part
@@ -267,30 +274,45 @@ def _fp8_gemm_gluon_ws_kernel(
     A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, COOP: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
-    # two rings of STAGES stages, ring c = stages c * STAGES .. c * STAGES + STAGES - 1
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    w_s = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(2 * STAGES):
+    # COOP: one ring whose stages hold both consumers' A rows (a 2 * BLOCK_M box) and the W tile they share, freed
+    # when both have arrived. Otherwise two rings of STAGES stages, ring c = stages c * STAGES .. + STAGES - 1.
+    RINGS: gl.constexpr = 1 if COOP else 2
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [RINGS * STAGES] + a_desc.block_type.shape, a_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [RINGS * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(RINGS * STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2 if COOP else 1)
     # the partitions' arguments, written out (tuple concatenation would turn the constexpr flags into tensors)
-    gl.warp_specialize([
-        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
-        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
-        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                        GROUP_M)),
-        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 1, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                        GROUP_M)),
-    ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
+    if COOP:
+        gl.warp_specialize([
+            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL,
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL,
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+            (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                            GROUP_M, COOP)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL,
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL,
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+            (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                            GROUP_M, COOP)),
+            (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 1, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                            GROUP_M, COOP)),
+        ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
 def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -318,6 +340,8 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:
         return out
+    if cfg.get("COOP"):  # the two consumers' rows in one A box
+        bm *= 2
     a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk], a_layout)
@@ -375,8 +399,9 @@ if __name__ == "__main__":
             print(f"check {v} epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     # the default config of each variant, and the candidates timed beside it
     configs = [("pipelined", GLUON_CONFIGS[0]), ("pipelined", {**GLUON_CONFIGS[0], "GROUP_M": 8})]
-    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "GROUP_M": 8}),
-                ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 2})]
+    coop = {**GLUON_WS_CONFIGS[0], "COOP": True, "STAGES": 4}
+    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", coop), ("ws", {**coop, "STAGES": 3}),
+                ("ws", {**coop, "CONSUMER_REGS": 240, "PRODUCER_REGS": 24}), ("ws", {**coop, "GROUP_M": 8})]
     configs = [(v, c) for v, c in configs if v in variants]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
