@@ -66,7 +66,7 @@ GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "
 # variant="ws": STAGES per consumer ring (two rings of 32 KB stages: 192 KB); registers per thread for the consumer
 # warpgroups and the producer warps (setmaxnreg), the launch cap being 65536 / 384 threads (three warpgroups)
 GLUON_WS_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 3, "GROUP_M": 16, "num_warps": 4,
-                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168, "COOP": False}]
+                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168, "COOP": False, "PARTIALS": 1}]
 VARIANTS = ("pipelined", "ws")
 
 
@@ -224,7 +224,7 @@ def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, C: gl.constexp
 
 
 @gluon.jit
-def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+def _ws_consumer_1p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                  M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
                  A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
                  HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -268,6 +268,85 @@ def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias
 
 
 @gluon.jit
+def _ws_issue(a_s, w_s, ready, part, g, base, ROW0: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for the ring's K tile number g, then start its MMAs on rows ROW0 .. ROW0 + ROWS of the A box."""
+    s = base + g % STAGES
+    mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+    return warpgroup_mma(a_s.index(s).slice(ROW0, ROWS), w_s.index(s).permute((1, 0)), part, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
+def _ws_consumer_2p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
+                    A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                    HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, COOP: gl.constexpr):
+    """PARTIALS = 2: a BLOCK_M = 64-row tile per consumer (one wgmma per K step) and the pipelined kernel's two
+    alternating partials, so that tile k's MMAs run while tile k - 1 is promoted; the stage is released to the
+    producer as soon as its MMAs are known done (the wait for one outstanding group)."""
+    TILE_M: gl.constexpr = 2 * BLOCK_M if COOP else BLOCK_M
+    ROW0: gl.constexpr = C * BLOCK_M if COOP else 0
+    base = 0 if COOP else C * STAGES
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BLOCK_N, 32])
+    num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    g = 0  # the ring's K tile at the start of this output tile
+    first = gl.program_id(0) if COOP else gl.program_id(0) + C * gl.num_programs(0)
+    for tile in range(first, num_tiles, gl.num_programs(0) if COOP else 2 * gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
+        off_m += ROW0
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+        p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+        p0 = _ws_issue(a_s, w_s, ready, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), g, base, ROW0, BLOCK_M,
+                       STAGES)
+        for k in range(1, k_tiles - 1, 2):  # as the pipelined kernel: tiles k and k + 1 per trip
+            q1 = _ws_issue(a_s, w_s, ready, p1, g + k, base, ROW0, BLOCK_M, STAGES)
+            t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done
+            mbarrier.arrive(empty.index(base + (g + k - 1) % STAGES), count=1)
+            acc += t0
+            p0 = _ws_issue(a_s, w_s, ready, t0, g + k + 1, base, ROW0, BLOCK_M, STAGES)
+            p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
+            mbarrier.arrive(empty.index(base + (g + k) % STAGES), count=1)
+            acc += p1
+        if k_tiles % 2 == 0:  # one tile left, into P1
+            r1 = _ws_issue(a_s, w_s, ready, p1, g + k_tiles - 1, base, ROW0, BLOCK_M, STAGES)
+            r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+            mbarrier.arrive(empty.index(base + (g + k_tiles - 2) % STAGES), count=1)
+            acc += r0
+            r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
+            mbarrier.arrive(empty.index(base + (g + k_tiles - 1) % STAGES), count=1)
+            acc += r1
+        else:
+            r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
+            mbarrier.arrive(empty.index(base + (g + k_tiles - 1) % STAGES), count=1)
+            acc += r0
+        g += k_tiles
+        _epilogue(acc, off_m, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                  rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE,
+                  HAS_RES)
+
+
+@gluon.jit
+def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                 M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
+                 A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                 HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, COOP: gl.constexpr,
+                 PARTIALS: gl.constexpr):
+    # (warp_specialize takes a function, not a constexpr holding one: the choice is made here)
+    if PARTIALS == 2:
+        _ws_consumer_2p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                        K, rows_per_batch, stride_om, stride_gb, stride_rm, C, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)
+    else:
+        _ws_consumer_1p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                        K, rows_per_batch, stride_om, stride_gb, stride_rm, C, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)
+
+
+@gluon.jit
 def _fp8_gemm_gluon_ws_kernel(
     a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
     M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
@@ -275,7 +354,7 @@ def _fp8_gemm_gluon_ws_kernel(
     HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, COOP: gl.constexpr,
-    num_warps: gl.constexpr,
+    PARTIALS: gl.constexpr, num_warps: gl.constexpr,
 ):
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
     # COOP: one ring whose stages hold both consumers' A rows (a 2 * BLOCK_M box) and the W tile they share, freed
@@ -293,10 +372,12 @@ def _fp8_gemm_gluon_ws_kernel(
         gl.warp_specialize([
             (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                             M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
+                            PARTIALS)),
             (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                             M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
+                            PARTIALS)),
             (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
                             GROUP_M, COOP)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -304,10 +385,12 @@ def _fp8_gemm_gluon_ws_kernel(
         gl.warp_specialize([
             (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                             M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
+                            PARTIALS)),
             (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                             M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)),
+                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
+                            PARTIALS)),
             (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
                             GROUP_M, COOP)),
             (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 1, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
@@ -399,9 +482,9 @@ if __name__ == "__main__":
             print(f"check {v} epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     # the default config of each variant, and the candidates timed beside it
     configs = [("pipelined", GLUON_CONFIGS[0]), ("pipelined", {**GLUON_CONFIGS[0], "GROUP_M": 8})]
-    coop = {**GLUON_WS_CONFIGS[0], "COOP": True, "STAGES": 4}
-    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", coop), ("ws", {**coop, "STAGES": 3}),
-                ("ws", {**coop, "CONSUMER_REGS": 240, "PRODUCER_REGS": 24}), ("ws", {**coop, "GROUP_M": 8})]
+    two = {**GLUON_WS_CONFIGS[0], "PARTIALS": 2, "BLOCK_M": 64, "STAGES": 4}
+    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "COOP": True, "STAGES": 4}),
+                ("ws", {**two, "COOP": True}), ("ws", {**two, "COOP": True, "STAGES": 6}), ("ws", two)]
     configs = [(v, c) for v, c in configs if v in variants]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
