@@ -63,10 +63,10 @@ from minisd35.errors import HardwareError, InputError
 # GROUP_M 16 was the fastest of the configs timed in GPU session 11 on all four Large layers (run 5: 0.70-0.84x of
 # cuBLAS against 0.69-0.82x with GROUP_M 8); 3 or 5 stages and 64-row tiles (two programs per SM) were slower
 GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 16, "num_warps": 8}]
-# variant="ws": STAGES per consumer ring (two rings of 32 KB stages: 192 KB); registers per thread for the consumer
-# warpgroups and the producer warps (setmaxnreg), the launch cap being 65536 / 384 threads (three warpgroups)
-GLUON_WS_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 3, "GROUP_M": 16, "num_warps": 4,
-                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168, "COOP": False, "PARTIALS": 1}]
+# variant="ws": BLOCK_M rows per consumer (the program's tile is 2 * BLOCK_M), STAGES of 32 KB (192 KB); registers
+# per thread of the consumer warpgroups and the producer (setmaxnreg), the launch cap being 65536 / 384 threads
+GLUON_WS_CONFIGS = [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 6, "GROUP_M": 16, "num_warps": 4,
+                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168}]
 VARIANTS = ("pipelined", "ws")
 
 
@@ -191,31 +191,28 @@ def _fp8_gemm_gluon_kernel(
               rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES)
 
 
-# The warp-specialised persistent variant (variant="ws"). One program per SM and five partitions:
-#   consumer 0 (the default partition, 4 warps) and consumer 1 (4 warps): each owns alternate output tiles of the
-#       program (tile pid + (2j + c) * programs), 128 x BLOCK_N each, and runs its whole K loop and epilogue;
-#   producer 0 and producer 1 (1 warp each, few registers): TMA loads of their consumer's K tiles into its own ring
-#       of STAGES stages, STAGES ahead, gated by the ring's "empty" barriers.
-# The two consumers are not synchronised with each other. While one waits for its wgmma or promotes (adds the
-# partial into the fp32 accumulator) or runs its epilogue, the other's wgmmas keep the tensor cores busy: that is
-# the overlap the pipelined kernel above writes out by hand with two partials, here had from the warp scheduler,
-# and it covers the epilogue and the pipeline fill too (the next tile's loads run during this tile's epilogue).
-# Registers per consumer thread: the 128-row accumulator as two 64-row halves (2 x 64) and one 64-row partial (64):
-# each K tile is two wgmma groups (top half, bottom half), each waited for and promoted before the next is issued.
+# The warp-specialised persistent variant (variant="ws"): one program per SM, looping over 128 x BLOCK_N output
+# tiles (grouped order), in three partitions:
+#   the producer (1 warp, few registers): TMA loads of each K tile's A box (128 rows) and W tile into a ring of
+#       STAGES stages, running ahead into the next output tile while the consumers finish this one;
+#   consumer 0 (the default partition) and consumer 1 (4 warps each): rows 0-63 and 64-127 of the tile, each with
+#       the pipelined kernel's two alternating partials (tile k's wgmma runs while tile k - 1 is promoted), and
+#       each frees a stage (an "empty" barrier of count 2) as soon as its own wgmma on it is known done.
+# What it changes against the pipelined kernel: the TMA issue and the wait for data move out of the MMA warps; the
+# two warpgroups are not tied by a CTA barrier per K tile (each runs at its own pace against the ring); the next
+# tile's loads overlap this tile's epilogue; and setmaxnreg gives the consumers 232 registers, the producer 40.
 @gluon.jit
-def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, C: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                 COOP: gl.constexpr):
-    TILE_M: gl.constexpr = 2 * BLOCK_M if COOP else BLOCK_M  # the rows one stage's A box holds
+def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                 STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    TILE_M: gl.constexpr = a_desc.block_type.shape[0]
     num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    g = 0  # K tiles loaded into this ring so far: stage g % STAGES, pass g // STAGES over the ring
-    first = gl.program_id(0) if COOP else gl.program_id(0) + C * gl.num_programs(0)
-    for tile in range(first, num_tiles, gl.num_programs(0) if COOP else 2 * gl.num_programs(0)):
+    g = 0  # K tiles loaded so far: stage g % STAGES, on pass g // STAGES over the ring
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
         for k in range(k_tiles):
-            s = C * STAGES + g % STAGES  # (COOP: the one producer, C = 0)
-            # the consumer(s) free a stage once their wgmmas on it are done; a fresh barrier passes phase 1 at once
+            s = g % STAGES
+            # both consumers free a stage once their wgmmas on it are done; a fresh barrier passes phase 1 at once
             mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [off_m, k * BLOCK_K], ready.index(s), a_s.index(s))
@@ -224,108 +221,12 @@ def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, C: gl.constexp
 
 
 @gluon.jit
-def _ws_consumer_1p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                 M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
-                 A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                 HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, COOP: gl.constexpr):
-    HALF: gl.constexpr = BLOCK_M // 2
-    TILE_M: gl.constexpr = 2 * BLOCK_M if COOP else BLOCK_M
-    ROW0: gl.constexpr = C * BLOCK_M if COOP else 0  # this consumer's rows in the stage's A box
-    # one warpgroup: its 4 warps stacked along the 64 rows of a half tile
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, BLOCK_N, 32])
-    num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    g = 0
-    first = gl.program_id(0) if COOP else gl.program_id(0) + C * gl.num_programs(0)
-    for tile in range(first, num_tiles, gl.num_programs(0) if COOP else 2 * gl.num_programs(0)):
-        off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
-        off_m += ROW0
-        top = gl.zeros((HALF, BLOCK_N), gl.float32, layout)
-        bot = gl.zeros((HALF, BLOCK_N), gl.float32, layout)
-        part = gl.zeros((HALF, BLOCK_N), gl.float32, layout)  # per tile, so that it is dead during the epilogue
-        for _k in range(k_tiles):
-            s = g % STAGES if COOP else C * STAGES + g % STAGES
-            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-            a = a_s.index(s)
-            w = w_s.index(s).permute((1, 0))
-            # 128 products per output into a zeroed partial, then one fp32 add: the promotion
-            part = warpgroup_mma(a.slice(ROW0, HALF), w, part, use_acc=False, is_async=True)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-            top += part
-            part = warpgroup_mma(a.slice(ROW0 + HALF, HALF), w, part, use_acc=False, is_async=True)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-            mbarrier.arrive(empty.index(s), count=1)  # both halves' wgmmas have read the stage
-            bot += part
-            g += 1
-        _epilogue(top, off_m, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                  rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE,
-                  HAS_RES)
-        _epilogue(bot, off_m + HALF, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                  M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                  HAS_GATE, HAS_RES)
-
-
-@gluon.jit
-def _ws_issue(a_s, w_s, ready, part, g, base, ROW0: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
-    """Wait for the ring's K tile number g, then start its MMAs on rows ROW0 .. ROW0 + ROWS of the A box."""
-    s = base + g % STAGES
+def _ws_issue(a_s, w_s, ready, part, g, ROW0: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for K tile number g, then start its MMAs on rows ROW0 .. ROW0 + ROWS of the A box, into `part`."""
+    s = g % STAGES
     mbarrier.wait(ready.index(s), (g // STAGES) & 1)
     return warpgroup_mma(a_s.index(s).slice(ROW0, ROWS), w_s.index(s).permute((1, 0)), part, use_acc=False,
                          is_async=True)
-
-
-@gluon.jit
-def _ws_consumer_2p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
-                    A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                    HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, COOP: gl.constexpr):
-    """PARTIALS = 2: a BLOCK_M = 64-row tile per consumer (one wgmma per K step) and the pipelined kernel's two
-    alternating partials, so that tile k's MMAs run while tile k - 1 is promoted; the stage is released to the
-    producer as soon as its MMAs are known done (the wait for one outstanding group)."""
-    TILE_M: gl.constexpr = 2 * BLOCK_M if COOP else BLOCK_M
-    ROW0: gl.constexpr = C * BLOCK_M if COOP else 0
-    base = 0 if COOP else C * STAGES
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, BLOCK_N, 32])
-    num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    g = 0  # the ring's K tile at the start of this output tile
-    first = gl.program_id(0) if COOP else gl.program_id(0) + C * gl.num_programs(0)
-    for tile in range(first, num_tiles, gl.num_programs(0) if COOP else 2 * gl.num_programs(0)):
-        off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
-        off_m += ROW0
-        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
-        p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
-        p0 = _ws_issue(a_s, w_s, ready, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), g, base, ROW0, BLOCK_M,
-                       STAGES)
-        for k in range(1, k_tiles - 1, 2):  # as the pipelined kernel: tiles k and k + 1 per trip
-            q1 = _ws_issue(a_s, w_s, ready, p1, g + k, base, ROW0, BLOCK_M, STAGES)
-            t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done
-            mbarrier.arrive(empty.index(base + (g + k - 1) % STAGES), count=1)
-            acc += t0
-            p0 = _ws_issue(a_s, w_s, ready, t0, g + k + 1, base, ROW0, BLOCK_M, STAGES)
-            p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
-            mbarrier.arrive(empty.index(base + (g + k) % STAGES), count=1)
-            acc += p1
-        if k_tiles % 2 == 0:  # one tile left, into P1
-            r1 = _ws_issue(a_s, w_s, ready, p1, g + k_tiles - 1, base, ROW0, BLOCK_M, STAGES)
-            r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            mbarrier.arrive(empty.index(base + (g + k_tiles - 2) % STAGES), count=1)
-            acc += r0
-            r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
-            mbarrier.arrive(empty.index(base + (g + k_tiles - 1) % STAGES), count=1)
-            acc += r1
-        else:
-            r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-            mbarrier.arrive(empty.index(base + (g + k_tiles - 1) % STAGES), count=1)
-            acc += r0
-        g += k_tiles
-        _epilogue(acc, off_m, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                  rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE,
-                  HAS_RES)
 
 
 @gluon.jit
@@ -333,17 +234,43 @@ def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias
                  M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
                  A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
                  HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, COOP: gl.constexpr,
-                 PARTIALS: gl.constexpr):
-    # (warp_specialize takes a function, not a constexpr holding one: the choice is made here)
-    if PARTIALS == 2:
-        _ws_consumer_2p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                        K, rows_per_batch, stride_om, stride_gb, stride_rm, C, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)
-    else:
-        _ws_consumer_1p(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                        K, rows_per_batch, stride_om, stride_gb, stride_rm, C, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP)
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    ROW0: gl.constexpr = C * BLOCK_M  # this consumer's rows of the A box (BLOCK_M = 64: one wgmma per K tile)
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BLOCK_N, 32])
+    num_tiles = gl.cdiv(M, 2 * BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    g = 0  # the ring's K tile number at the start of this output tile
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(tile, M, N, 2 * BLOCK_M, BLOCK_N, GROUP_M)
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+        p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+        p0 = _ws_issue(a_s, w_s, ready, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), g, ROW0, BLOCK_M, STAGES)
+        for k in range(1, k_tiles - 1, 2):  # as the pipelined kernel: K tiles k and k + 1 per trip
+            q1 = _ws_issue(a_s, w_s, ready, p1, g + k, ROW0, BLOCK_M, STAGES)
+            t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
+            mbarrier.arrive(empty.index((g + k - 1) % STAGES), count=1)
+            acc += t0
+            p0 = _ws_issue(a_s, w_s, ready, t0, g + k + 1, ROW0, BLOCK_M, STAGES)
+            p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
+            mbarrier.arrive(empty.index((g + k) % STAGES), count=1)
+            acc += p1
+        if k_tiles % 2 == 0:  # one tile left, into P1
+            r1 = _ws_issue(a_s, w_s, ready, p1, g + k_tiles - 1, ROW0, BLOCK_M, STAGES)
+            r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+            mbarrier.arrive(empty.index((g + k_tiles - 2) % STAGES), count=1)
+            acc += r0
+            r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
+            mbarrier.arrive(empty.index((g + k_tiles - 1) % STAGES), count=1)
+            acc += r1
+        else:
+            r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
+            mbarrier.arrive(empty.index((g + k_tiles - 1) % STAGES), count=1)
+            acc += r0
+        g += k_tiles
+        _epilogue(acc, off_m + ROW0, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                  M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                  HAS_GATE, HAS_RES)
 
 
 @gluon.jit
@@ -353,58 +280,36 @@ def _fp8_gemm_gluon_ws_kernel(
     A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, COOP: gl.constexpr,
-    PARTIALS: gl.constexpr, num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
-    # COOP: one ring whose stages hold both consumers' A rows (a 2 * BLOCK_M box) and the W tile they share, freed
-    # when both have arrived. Otherwise two rings of STAGES stages, ring c = stages c * STAGES .. + STAGES - 1.
-    RINGS: gl.constexpr = 1 if COOP else 2
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [RINGS * STAGES] + a_desc.block_type.shape, a_desc.layout)
-    w_s = gl.allocate_shared_memory(w_desc.dtype, [RINGS * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(RINGS * STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2 if COOP else 1)
+    gl.static_assert(a_desc.block_type.shape[0] == 2 * BLOCK_M, "the A box holds both consumers' rows")
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * BLOCK_M, BLOCK_K], a_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)  # the producer's expect + the TMA bytes
+        mbarrier.init(empty.index(s), count=2)  # one arrive per consumer
     # the partitions' arguments, written out (tuple concatenation would turn the constexpr flags into tensors)
-    if COOP:
-        gl.warp_specialize([
-            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
-                            PARTIALS)),
-            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
-                            PARTIALS)),
-            (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                            GROUP_M, COOP)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
-                            PARTIALS)),
-            (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                            M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL,
-                            HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, COOP,
-                            PARTIALS)),
-            (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                            GROUP_M, COOP)),
-            (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, 1, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                            GROUP_M, COOP)),
-        ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([
+        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, act: str = "none",
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   rows_per_batch: int = 0, config: dict | None = None, variant: str = "pipelined") -> torch.Tensor:
+                   rows_per_batch: int = 0, config: dict | None = None, variant: str = "ws") -> torch.Tensor:
     """The same product and epilogue as fp8_gemm(..., fast_accum=False) on a Hopper GPU (TMA + wgmma).
     a [M, K], w [N, K] float8_e4m3fn with K % 16 == 0; scales [M] / [N] or [1]. variant: "pipelined" (one output
-    tile per program, the promotion overlapped by hand) or "ws" (persistent, warp-specialised; see above)."""
+    tile per program, the promotion overlapped by hand) or "ws" (the default: persistent, warp-specialised)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from kernels.fp8_gemm import check_gemm_args
@@ -423,7 +328,7 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     out = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:
         return out
-    if cfg.get("COOP"):  # the two consumers' rows in one A box
+    if variant == "ws":  # the two consumers' rows in one A box
         bm *= 2
     a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
@@ -431,7 +336,7 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     kernel = _fp8_gemm_gluon_kernel
-    if variant == "ws":  # persistent: one program per SM, two tiles at a time
+    if variant == "ws":  # persistent: one program per SM
         kernel = _fp8_gemm_gluon_ws_kernel
         tiles = min(tiles, torch.cuda.get_device_properties(dev).multi_processor_count)
     with on_device(dev):
@@ -482,9 +387,8 @@ if __name__ == "__main__":
             print(f"check {v} epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     # the default config of each variant, and the candidates timed beside it
     configs = [("pipelined", GLUON_CONFIGS[0]), ("pipelined", {**GLUON_CONFIGS[0], "GROUP_M": 8})]
-    two = {**GLUON_WS_CONFIGS[0], "PARTIALS": 2, "BLOCK_M": 64, "STAGES": 4}
-    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "COOP": True, "STAGES": 4}),
-                ("ws", {**two, "COOP": True}), ("ws", {**two, "COOP": True, "STAGES": 6}), ("ws", two)]
+    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 7}),
+                ("ws", {**GLUON_WS_CONFIGS[0], "GROUP_M": 8}), ("ws", {**GLUON_WS_CONFIGS[0], "GROUP_M": 32})]
     configs = [(v, c) for v, c in configs if v in variants]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
