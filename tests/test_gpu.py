@@ -248,17 +248,19 @@ def test_fp8_gemm_variants_at_an_sd35_shape(variant):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="Hopper")
-def test_gluon_gemm_matches_the_reference():
-    # the Gluon GEMM (precise accumulation, epilogue fused) on odd shapes (one K tile, an odd and an even number of
-    # K tiles, N off the tile), with each epilogue, against fp8_gemm_ref; and its error at K = 9728 is the precise
-    # path's (an accumulator without promotion is 3x worse there on zero-mean data)
+@pytest.mark.parametrize("variant", ["pipelined", "ws"])
+def test_gluon_gemm_matches_the_reference(variant):
+    # the Gluon GEMMs (precise accumulation, epilogue fused) on odd shapes (one K tile, an odd and an even number of
+    # K tiles, N off the tile; (3000, 512, 1500) gives the persistent variant 2-3 output tiles per program), with
+    # each epilogue, against fp8_gemm_ref; and the error at K = 9728 is the precise path's (an accumulator without
+    # promotion is 3x worse there on zero-mean data)
     from kernels._common import rel_rms as rr
     from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
     from kernels.fp8_gemm_gluon import fp8_gemm_gluon
     from kernels.fp8_quant import quant_fp8_ref
 
     torch.manual_seed(3)
-    for M, K, N in [(1, 80, 40), (67, 2432, 300), (130, 1536, 257), (1000, 9728, 2432)]:
+    for M, K, N in [(1, 80, 40), (67, 2432, 300), (130, 1536, 257), (3000, 512, 1500), (1000, 9728, 2432)]:
         a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
         w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.05)
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
@@ -266,9 +268,9 @@ def test_gluon_gemm_matches_the_reference():
         res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         for kw in ({}, {"act": "gelu_tanh"}, {"gate": gate, "residual": res, "rows_per_batch": M}):
             ref = fp8_gemm_ref(a, sa, w, sw, bias, **kw)
-            assert rr(fp8_gemm_gluon(a, sa, w, sw, bias, **kw), ref) < 5e-3, (M, K, N, list(kw))
+            assert rr(fp8_gemm_gluon(a, sa, w, sw, bias, variant=variant, **kw), ref) < 5e-3, (M, K, N, list(kw))
     exact = (a.double() * sa[:, None].double()) @ (w.double() * sw[:, None].double()).t() + bias.double()
-    err = rr(fp8_gemm_gluon(a, sa, w, sw, bias, out_dtype=torch.float32), exact)
+    err = rr(fp8_gemm_gluon(a, sa, w, sw, bias, out_dtype=torch.float32, variant=variant), exact)
     assert err < 2 * rr(fp8_gemm(a, sa, w, sw, bias, out_dtype=torch.float32), exact) + 1e-6, err
 
 

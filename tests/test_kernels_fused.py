@@ -418,6 +418,15 @@ if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launch
            "rows_per_batch": "i32", "stride_om": "i32", "stride_gb": "i32", "stride_rm": "i32"},
           dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True,
                **gcfg), warps=gcfg["num_warps"])
+    wcfg = dict(fp8_gemm_gluon.GLUON_WS_CONFIGS[0])
+    maxnreg = wcfg.pop("maxnreg")
+    build("gemm gluon ws", fp8_gemm_gluon._fp8_gemm_gluon_ws_kernel,
+          {"a_desc": desc(2 * wcfg["BLOCK_M"]), "w_desc": desc(wcfg["BLOCK_N"]), "out_ptr": "*bf16",
+           "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
+           "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "rows_per_batch": "i32", "stride_om": "i32",
+           "stride_gb": "i32", "stride_rm": "i32"},
+          dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True,
+               **wcfg), warps=wcfg["num_warps"], maxnreg=maxnreg)
 for name, bm, bn, acc, epi in [("precise 128x128 fused epilogue", 128, 128, 2, full),
                                ("fast 128x256", 128, 256, 0, plain)]:
     c = pick(fp8_gemm.PERSISTENT_CONFIGS, bm, bn)
@@ -456,4 +465,8 @@ def test_fused_kernels_compile_for_the_gpu():
         g = builds["gemm gluon precise"]
         assert g["wgmma_waits"].count(1) >= 3 and g["wgmma_waits"].count(0) <= 2, g["wgmma_waits"]
         assert g["fadd"] >= 3 * 128 * 128 // 256  # 64 adds per promotion site, at least three sites
+        # the warp-specialised one: consumers and producer re-allocate registers (setmaxnreg), each consumer keeps
+        # one wgmma group in flight during its promotions, and nothing spills (checked for every build above)
+        ws = builds["gemm gluon ws"]
+        assert ws["setmaxnreg"] > 0 and ws["wgmma_waits"].count(1) >= 3, ws
     assert builds["gemm ws fast 128x128"]["fadd"] < builds["gemm ws precise 256x128"]["fadd"]
