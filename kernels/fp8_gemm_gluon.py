@@ -31,16 +31,31 @@ precise accumulation in the same run; bench/results/2026-12-03_h200_session11/ge
 (GROUP_M 16 timed in run 5 on all four, in run 3 on qkv only; proj's spread is between the two runs.)
 The overlap pays where K is long (fc2: 76 K tiles per output tile). Where it is short (19 K tiles), what is left is
 each tile's prologue and epilogue: one program per SM (its 204 registers x 256 threads leave no room for a second),
-so an SM idles while its program fills the pipeline and while it scales and stores 128 x 128 outputs. In the fused
-forward (gemm="gluon", GROUP_M 8) the step is slower than with cuBLAS + a separate epilogue pass (106.5 vs 96.6 ms,
-run 3). 64-row tiles with one warpgroup (two programs per SM, so that one's epilogue could overlap the other's MMAs)
-were no better (run 5: 0.62-0.75x). A persistent version (one program per SM, K tiles counted across output tiles so
-that the next tile's loads run during this tile's epilogue) was written and measured in run 4: qkv 0.61x, fc2 0.62x,
-and 0.55x / 0.62x when launched one program per tile, below this kernel's figures of the other runs (a comparison
-across runs, rough: this kernel's proj moved from 0.55x to 0.79x between runs 3 and 5); not kept
-(gemm_gluon_run4_persistent.json). What is likely left (inferred, not profiled): the epilogue of one tile
-overlapping the MMAs of the next, i.e. warp specialisation (gl.warp_specialize: a producer warp, two consumer
-warpgroups ping-ponging), the design of cuBLAS's and DeepGEMM's Hopper kernels.
+so an SM idles while its program fills the pipeline and while it scales and stores 128 x 128 outputs. 64-row tiles
+with one warpgroup (two programs per SM) were no better (session 11 run 5: 0.62-0.75x), nor was a persistent
+rewrite without warp specialisation (run 4: qkv 0.61x, fc2 0.62x; not kept, gemm_gluon_run4_persistent.json).
+
+variant="ws" (the default, below the pipelined kernel) is the warp-specialised persistent design: a TMA producer
+warp, two consumer warpgroups on the halves of each 128-row tile, the same two-partial promotion in each. GPU
+session 12 (H200, bench/results/2026-12-04_h200_session12/gemm_gluon_run1-4.json), same-run ratios to cuBLAS:
+    layer   pipelined (above)   ws, run 4 (run 3)   ws + fused epilogue (GELU / gated residual), run 4
+    qkv     0.75x               0.84x (0.84x)
+    proj    0.78x               0.84x (0.83x)
+    fc1     0.65-0.68x          0.80x (0.81x)       0.73x (pipelined 0.67x, fp8_gemm 0.62x)
+    fc2     0.80x               0.90x (0.91x)       0.89x (pipelined 0.82x, fp8_gemm 0.69x)
+It is the fastest of our GEMMs on every layer, and still short of cuBLAS's precise row-wise kernel (1.0x is the
+target), so the step stays faster with cuBLAS plus a separate epilogue: 96.60 ms against 100.80 ms with
+gemm="gluon" (SD3.5 Large 1024, CFG 2, run 4). Tried on the way (runs 1-3, all correct, all slower or no faster,
+removed): each consumer on its own 128-row tile with one 64-row partial per half (qkv 0.83x, fc2 0.83x, 48 bytes of
+epilogue spills); the same with the W tile shared by the two consumers (a 256-row tile: a quarter less operand
+traffic, no better: 0.84x / 0.85x, and proj lost 16% to the coarser wave); 64-row tiles with two partials but a
+ring per consumer (0.75-0.79x); 2-7 stages (6 and 7 best, within 2%); GROUP_M 8 / 16 / 32 (16 best on three
+layers). What limits it was not profiled. One bound, estimated from the shapes (not measured): per 128-wide K tile
+the two consumers' wgmmas read 48 KB of shared memory (each m64n128 wgmma reads the whole W tile for its 64 rows)
+and the TMA writes 32 KB, ~148 bytes per clock at the tensor cores' peak (1979 TFLOP/s over 132 SMs at 1.98 GHz)
+where shared memory moves 128 (32 banks x 4 bytes): a ceiling near 86% of peak. The kernel runs at 46-58% (909-1146
+TFLOP/s), so that is not what stops it now; wider wgmmas (n256) would lower it, but need more registers than
+precise accumulation's two partials leave.
 """
 
 from __future__ import annotations
