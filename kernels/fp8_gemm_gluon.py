@@ -70,7 +70,13 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from kernels._common import capability, on_device
 from minisd35.errors import HardwareError, InputError
@@ -83,6 +89,7 @@ GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "
 GLUON_WS_CONFIGS = [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 6, "GROUP_M": 16, "num_warps": 4,
                      "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168}]
 VARIANTS = ("pipelined", "ws")
+TL_16 = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 @gluon.jit
@@ -123,6 +130,20 @@ def _epilogue(acc, off_m, off_n, layout: gl.constexpr, out_ptr, a_scale_ptr, w_s
               A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
               HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr):
     """fp8_gemm's epilogue on an fp32 accumulator tile at (off_m, off_n); one rounding at the store."""
+    acc = _epilogue_values(acc, off_m, off_n, layout, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
+                           rows_per_batch, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+    offs_m = off_m + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    offs_n = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
+    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _epilogue_values(acc, off_m, off_n, layout: gl.constexpr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+                     M, N, rows_per_batch, stride_gb, stride_rm, A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, ACT: gl.constexpr, HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr):
+    """The epilogue's arithmetic: scales, bias, activation, gate, residual, in fp32."""
     offs_m = off_m + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
     offs_n = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
     rm = offs_m % M
@@ -145,9 +166,7 @@ def _epilogue(acc, off_m, off_n, layout: gl.constexpr, out_ptr, a_scale_ptr, w_s
                             + gl.expand_dims(rn, 0)).to(gl.float32)
     if HAS_RES:
         acc = acc + gl.load(res_ptr + gl.expand_dims(rm, 1) * stride_rm + gl.expand_dims(rn, 0)).to(gl.float32)
-    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
-    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
-    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc
 
 
 @gluon.jit
@@ -245,11 +264,11 @@ def _ws_issue(a_s, w_s, ready, part, g, ROW0: gl.constexpr, ROWS: gl.constexpr, 
 
 
 @gluon.jit
-def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+def _ws_consumer(a_s, w_s, ready, empty, c_desc, c_s, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                  M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
                  A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
                  HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr):
     ROW0: gl.constexpr = C * BLOCK_M  # this consumer's rows of the A box (BLOCK_M = 64: one wgmma per K tile)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                      instr_shape=[16, BLOCK_N, 32])
@@ -283,19 +302,31 @@ def _ws_consumer(a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias
             mbarrier.arrive(empty.index((g + k_tiles - 1) % STAGES), count=1)
             acc += r0
         g += k_tiles
-        _epilogue(acc, off_m + ROW0, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                  M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                  HAS_GATE, HAS_RES)
+        if TMA_STORE:  # through shared memory, stored by TMA while this consumer starts its next tile
+            acc = _epilogue_values(acc, off_m + ROW0, off_n, layout, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr,
+                                   res_ptr, M, N, rows_per_batch, stride_gb, stride_rm, A_PER_ROW, W_PER_COL,
+                                   HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+            tma.store_wait(0)  # the previous tile's store has read the buffer
+            c_s.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m + ROW0, off_n], c_s)  # clipped at M and N
+        else:
+            _epilogue(acc, off_m + ROW0, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr,
+                      res_ptr, M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS,
+                      ACT, HAS_GATE, HAS_RES)
+    if TMA_STORE:
+        tma.store_wait(0)
 
 
 @gluon.jit
 def _fp8_gemm_gluon_ws_kernel(
-    a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
+    a_desc, w_desc, c_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
     M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
     A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TMA_STORE: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
     gl.static_assert(a_desc.block_type.shape[0] == 2 * BLOCK_M, "the A box holds both consumers' rows")
@@ -306,14 +337,18 @@ def _fp8_gemm_gluon_ws_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)  # the producer's expect + the TMA bytes
         mbarrier.init(empty.index(s), count=2)  # one arrive per consumer
+    # TMA_STORE: one output staging tile per consumer (c_desc: out in 64 x BLOCK_N boxes); else c_desc is a dummy
+    c_s = gl.allocate_shared_memory(c_desc.dtype, [2 if TMA_STORE else 1] + c_desc.block_type.shape, c_desc.layout)
     # the partitions' arguments, written out (tuple concatenation would turn the constexpr flags into tensors)
     gl.warp_specialize([
-        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
-        (_ws_consumer, (a_s, w_s, ready, empty, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N,
-                        K, rows_per_batch, stride_om, stride_gb, stride_rm, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
-                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+        (_ws_consumer, (a_s, w_s, ready, empty, c_desc, c_s.index(0), out_ptr, a_scale_ptr,
+                        w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N, K, rows_per_batch, stride_om, stride_gb,
+                        stride_rm, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N,
+                        BLOCK_K, STAGES, GROUP_M, TMA_STORE)),
+        (_ws_consumer, (a_s, w_s, ready, empty, c_desc, c_s.index(1 if TMA_STORE else 0), out_ptr, a_scale_ptr,
+                        w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N, K, rows_per_batch, stride_om, stride_gb,
+                        stride_rm, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N,
+                        BLOCK_K, STAGES, GROUP_M, TMA_STORE)),
         (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -350,13 +385,19 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk], a_layout)
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    kernel = _fp8_gemm_gluon_kernel
+    kernel, descs = _fp8_gemm_gluon_kernel, (a_desc, w_desc)
     if variant == "ws":  # persistent: one program per SM
         kernel = _fp8_gemm_gluon_ws_kernel
         tiles = min(tiles, torch.cuda.get_device_properties(dev).multi_processor_count)
+        # the output by TMA where its rows are 16-byte aligned and its type 16-bit (the staging fits beside 6
+        # stages); otherwise the descriptor is a placeholder the kernel does not use
+        tma_store = cfg["TMA_STORE"] = cfg.get("TMA_STORE", True) and out.element_size() == 2 and N % 8 == 0
+        c = out if tma_store else torch.empty((cfg["BLOCK_M"], bn), dtype=torch.bfloat16, device=dev)
+        c_layout = gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_M"], bn], TL_16[c.dtype])
+        descs += (TensorDescriptor(c, list(c.shape), list(c.stride()), [cfg["BLOCK_M"], bn], c_layout),)
     with on_device(dev):
         kernel[(tiles,)](
-            a_desc, w_desc, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)),
+            *descs, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)),
             M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
             residual.stride(0) if residual is not None else 0, A_PER_ROW=a_scale.numel() > 1,
             W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act, HAS_GATE=gate is not None,
@@ -402,8 +443,8 @@ if __name__ == "__main__":
             print(f"check {v} epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
     # the default config of each variant, and the candidates timed beside it
     configs = [("pipelined", GLUON_CONFIGS[0]), ("pipelined", {**GLUON_CONFIGS[0], "GROUP_M": 8})]
-    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 7}),
-                ("ws", {**GLUON_WS_CONFIGS[0], "GROUP_M": 8}), ("ws", {**GLUON_WS_CONFIGS[0], "GROUP_M": 32})]
+    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "TMA_STORE": False}),
+                ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 5})]
     configs = [(v, c) for v, c in configs if v in variants]
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():

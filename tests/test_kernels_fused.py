@@ -418,10 +418,14 @@ if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launch
            "rows_per_batch": "i32", "stride_om": "i32", "stride_gb": "i32", "stride_rm": "i32"},
           dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True,
                **gcfg), warps=gcfg["num_warps"])
-    wcfg = dict(fp8_gemm_gluon.GLUON_WS_CONFIGS[0])
+    wcfg = dict(fp8_gemm_gluon.GLUON_WS_CONFIGS[0], TMA_STORE=True)  # the output stored by TMA, as for bf16
     maxnreg = wcfg.pop("maxnreg")
+    o = torch.empty(256, 256, dtype=torch.bfloat16)
+    box = [wcfg["BLOCK_M"], wcfg["BLOCK_N"]]
+    out_desc = mangle_type(TensorDescriptor(o, [256, 256], [256, 1], box,
+                                            gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)))
     build("gemm gluon ws", fp8_gemm_gluon._fp8_gemm_gluon_ws_kernel,
-          {"a_desc": desc(2 * wcfg["BLOCK_M"]), "w_desc": desc(wcfg["BLOCK_N"]), "out_ptr": "*bf16",
+          {"a_desc": desc(2 * wcfg["BLOCK_M"]), "w_desc": desc(wcfg["BLOCK_N"]), "c_desc": out_desc, "out_ptr": "*bf16",
            "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
            "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "rows_per_batch": "i32", "stride_om": "i32",
            "stride_gb": "i32", "stride_rm": "i32"},
