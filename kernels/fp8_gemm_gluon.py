@@ -36,26 +36,30 @@ with one warpgroup (two programs per SM) were no better (session 11 run 5: 0.62-
 rewrite without warp specialisation (run 4: qkv 0.61x, fc2 0.62x; not kept, gemm_gluon_run4_persistent.json).
 
 variant="ws" (the default, below the pipelined kernel) is the warp-specialised persistent design: a TMA producer
-warp, two consumer warpgroups on the halves of each 128-row tile, the same two-partial promotion in each. GPU
-session 12 (H200, bench/results/2026-12-04_h200_session12/gemm_gluon_run1-4.json), same-run ratios to cuBLAS:
-    layer   pipelined (above)   ws, run 4 (run 3)   ws + fused epilogue (GELU / gated residual), run 4
-    qkv     0.75x               0.84x (0.84x)
-    proj    0.78x               0.84x (0.83x)
-    fc1     0.65-0.68x          0.80x (0.81x)       0.73x (pipelined 0.67x, fp8_gemm 0.62x)
-    fc2     0.80x               0.90x (0.91x)       0.89x (pipelined 0.82x, fp8_gemm 0.69x)
-It is the fastest of our GEMMs on every layer, and still short of cuBLAS's precise row-wise kernel (1.0x is the
-target), so the step stays faster with cuBLAS plus a separate epilogue: 96.60 ms against 100.80 ms with
-gemm="gluon" (SD3.5 Large 1024, CFG 2, run 4). Tried on the way (runs 1-3, all correct, all slower or no faster,
-removed): each consumer on its own 128-row tile with one 64-row partial per half (qkv 0.83x, fc2 0.83x, 48 bytes of
-epilogue spills); the same with the W tile shared by the two consumers (a 256-row tile: a quarter less operand
-traffic, no better: 0.84x / 0.85x, and proj lost 16% to the coarser wave); 64-row tiles with two partials but a
-ring per consumer (0.75-0.79x); 2-7 stages (6 and 7 best, within 2%); GROUP_M 8 / 16 / 32 (16 best on three
-layers). What limits it was not profiled. One bound, estimated from the shapes (not measured): per 128-wide K tile
-the two consumers' wgmmas read 48 KB of shared memory (each m64n128 wgmma reads the whole W tile for its 64 rows)
-and the TMA writes 32 KB, ~148 bytes per clock at the tensor cores' peak (1979 TFLOP/s over 132 SMs at 1.98 GHz)
-where shared memory moves 128 (32 banks x 4 bytes): a ceiling near 86% of peak. The kernel runs at 46-58% (909-1146
-TFLOP/s), so that is not what stops it now; wider wgmmas (n256) would lower it, but need more registers than
-precise accumulation's two partials leave.
+warp, two consumer warpgroups on the halves of each 128-row tile, the same two-partial promotion in each, and the
+output staged in shared memory and written by a TMA store, so that a consumer's next tile starts while its last
+one is stored. GPU session 12 (H200, bench/results/2026-12-04_h200_session12/gemm_gluon_run*.json), ratios to
+cuBLAS's precise row-wise kernel; run 6 is the median of three interleaved rounds (its per-round range after it):
+    layer   pipelined   ws, stores from registers (run 4)   ws, TMA store (run 6)     ws + fused epilogue (run 6)
+    qkv     0.71-0.76x  0.84x                               1.06x (1.00-1.08)
+    proj    0.77-0.78x  0.84x                               1.00x (0.99-1.03)
+    fc1     0.65-0.70x  0.80x                               1.01x (1.00-1.01)        0.77x (GELU)
+    fc2     0.80-0.84x  0.90x                               1.00x (0.96-1.01)        0.91x (gated residual)
+About parity with cuBLAS, then, not a clear win: the single-timing run 5 put the TMA-store kernel anywhere from
+0.71x to 1.04x on qkv (clocks and power drift on this GPU between neighbouring timings), and cuBLAS itself ran
+5% slower in run 6 than in runs 1-4 (qkv 0.278 against 0.260-0.264 ms); in absolute terms this kernel took
+0.262 / 0.096 / 0.343 / 0.343 ms, cuBLAS in run 4 0.260 / 0.097 / 0.342 / 0.328 ms. The fused epilogues still
+cost it (GELU's exp and division on the accumulator, the gate and residual loads) more than they save, and in the
+step it is level with cuBLAS plus a separate epilogue pass: 95.93 against 96.36 ms with gemm="gluon" (SD3.5 Large
+1024, CFG 2, run 6), so the default stays. proj and fc2 (1330 tiles on 132 SMs: 10 programs take an 11th tile)
+lose ~8% to the last partial wave (by count: 10.08 tiles per program run as 11; not measured), which a stream-K
+split would recover; not written.
+Tried on the way (runs 1-5, all correct, slower or no faster, removed): each consumer on its own 128-row tile
+with one 64-row partial per half (qkv 0.83x, fc2 0.83x, 48 bytes of epilogue spills); the same with the W tile
+shared by the two consumers (a 256-row tile: a quarter less operand traffic, no better: 0.84x / 0.85x, and proj
+lost 16% to the coarser wave); 64-row tiles with two partials but a ring per consumer (0.75-0.79x); 2-7 stages (6
+best with the TMA store, whose staging leaves no room for a 7th); GROUP_M 8 / 16 / 32 (16 best on three layers).
+The step from 0.84x to parity was the epilogue (run 6, same kernel, registers -> global stores: 0.78-0.91x).
 """
 
 from __future__ import annotations

@@ -185,8 +185,9 @@ class Linear8:
     2026-11-22_h200_session1/kernels.json), _scaled_mm + a separate pass was faster on every SD3.5 shape, so it is
     the default; the Triton kernel is kept for the fused variants and as the teaching implementation. "gluon"
     runs kernels/fp8_gemm_gluon.py (Hopper; warp-specialised, precise accumulation whose promotion overlaps the
-    MMAs, epilogue fused) and, with fast_accum, the Triton kernel; also slower in the step than the default
-    (SD3.5 Large 1024, H200: 100.80 vs 96.60 ms, bench/results/2026-12-04_h200_session12/step_run4.json)."""
+    MMAs, epilogue fused) and, with fast_accum, the Triton kernel; level with the default in the step (SD3.5
+    Large 1024, H200: 95.93 vs 96.36 ms, bench/results/2026-12-04_h200_session12/step_run6.json), so not the
+    default."""
 
     def __init__(self, lin: nn.Module, fast_accum: bool = False, gemm: str = "scaled_mm"):
         self.lin, self.fast_accum, self.gemm = lin, fast_accum, gemm
