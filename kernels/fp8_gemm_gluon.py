@@ -240,7 +240,7 @@ def _fp8_gemm_gluon_kernel(
 # two warpgroups are not tied by a CTA barrier per K tile (each runs at its own pace against the ring); the next
 # tile's loads overlap this tile's epilogue; setmaxnreg gives the consumers 232 registers, the producer 40; and
 # (TMA_STORE) each consumer writes its 64 x BLOCK_N outputs to a staging tile in shared memory (stmatrix) for one
-# TMA store, clipped at M and N, instead of 64 scattered 4-byte stores per thread: it goes on to its next tile while
+# TMA store, clipped at M and N, instead of 32 scattered 4-byte stores per thread: it goes on to its next tile while
 # the store runs. That epilogue took the kernel from 0.84x to parity with cuBLAS (see the module docstring).
 @gluon.jit
 def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
