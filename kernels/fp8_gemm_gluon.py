@@ -45,8 +45,11 @@ cuBLAS's precise row-wise kernel; run 6 is the median of three interleaved round
     proj    0.77-0.78x  0.84x                               1.00x (0.99-1.03)
     fc1     0.65-0.70x  0.80x                               1.01x (1.00-1.01)        0.77x (GELU)
     fc2     0.80-0.84x  0.90x                               1.00x (0.96-1.01)        0.91x (gated residual)
-About parity with cuBLAS, then, not a clear win: the single-timing run 5 put the TMA-store kernel anywhere from
-0.71x to 1.04x on qkv (clocks and power drift on this GPU between neighbouring timings), and cuBLAS itself ran
+Run 7 (five rounds, same kernel): qkv 1.05x, fc1 0.99x, fc2 1.02x, and proj 0.81x with rounds from 0.39x to
+0.92x (a ~0.1 ms call timed eagerly, whose launcher builds three TMA descriptors in Python; host time in the
+timing is a guess, not checked). About parity with cuBLAS, then, not a clear win: the single-timing run 5 put
+the TMA-store kernel anywhere from 0.71x to 1.04x on qkv (clocks and power drift on this GPU between neighbouring
+timings), and cuBLAS itself ran
 5% slower in run 6 than in runs 1-4 (qkv 0.278 against 0.260-0.264 ms); in absolute terms this kernel took
 0.262 / 0.096 / 0.343 / 0.343 ms, cuBLAS in run 4 0.260 / 0.097 / 0.342 / 0.328 ms. The fused epilogues still
 cost it (GELU's exp and division on the accumulator, the gate and residual loads) more than they save, and in the
