@@ -31,7 +31,8 @@ What it measures (each section is independent: an exception is recorded and the 
             bf16 F.linear, and which one route="auto" takes: the data to confirm DEQUANT_ROUTE_MIN_M (target: auto
             <= 1.15x F.linear's time at M = 8858)
   gemv      the M = 2 adaLN GEMV per layer (Large, Medium) and over all of Large's adaLN at once:
-            dequant_gemm and the FMA GEMV under other configs, against bf16 F.linear, replayed in a CUDA graph
+            dequant_gemm (with and without PDL, pdl=True) and the FMA GEMV under other configs, against bf16
+            F.linear, replayed in a CUDA graph
   variants  the FP8 GEMM's kernel variants (default, tma, persistent; add is in gemm; ws refused on a GPU unless
             MINISD35_GEMM_WS=1, see kernels/fp8_gemm.py) on the four Large layers
             (--layers, --gemm-variants pick fewer) vs _scaled_mm row-wise:
@@ -509,16 +510,19 @@ def _gemv_bitcast_sweep():
     return [FMA_GEMV_BITCAST_CONFIG, FMA_GEMV_CONFIG] + others
 
 
-def fma_gemv_fixed(cfg, bitcast: bool = False):
-    """dequant_gemm's FMA GEMV launched with one config, bias and per-channel scale (bitcast: uint8 codes)."""
+def fma_gemv_fixed(cfg, bitcast: bool = False, pdl: bool = False, pdl_tiles: int | None = None):
+    """dequant_gemm's FMA GEMV launched with one config, bias and per-channel scale (bitcast: uint8 codes; pdl:
+    programmatic dependent launch where supported, prefetching pdl_tiles tiles per row, default FMA_PDL_TILES)."""
     from kernels import fp8_dequant_gemm as D
+
+    tiles = D.FMA_PDL_TILES if pdl_tiles is None else pdl_tiles
 
     def f(x, w, s, bias, out_dtype=torch.bfloat16):
         M, K = x.shape
         N = w.shape[0]
         out = torch.empty(M, N, dtype=out_dtype, device=x.device)
         args = (x, w, out, s, bias, M, N, K, x.stride(0), w.stride(0), out.stride(0))
-        D.fma_gemv_launch(cfg, args, M, N, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast))
+        D.fma_gemv_launch(cfg, args, M, N, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast), pdl, tiles)
         return out
 
     return f
@@ -531,7 +535,12 @@ def bench_gemv(b: Bench) -> dict:
     fp8) replayed alone. (GPU session 7 also fed x in fp32, to spare the kernel its bf16 -> fp32 conversions:
     slower in 40 of 54 shape x config pairs, e.g. 0.787 vs 0.709 ms for the best config on the one GEMV, likely
     from the x tile twice as wide: twice the L1 traffic, and registers (16 x 256: 138 instead of 128, so fewer
-    programs per SM). bench/results/2026-12-02_h200_session7/gemv_run1.json.)"""
+    programs per SM). bench/results/2026-12-02_h200_session7/gemv_run1.json.)
+
+    "dequant_gemm pdl" is dequant_gemm(..., pdl=True), programmatic dependent launch (sm90+; its config column
+    says whether it applied on this device), "fixed config pdl" the same kernel prefetching other numbers of tiles
+    per row before its wait. Per layer the R calls in one graph are back-to-back GEMVs, which is what PDL overlaps;
+    the one GEMV replayed alone has no predecessor in its graph, so there only the prefetch can change anything."""
     from kernels import fp8_dequant_gemm as D
     from kernels._common import print_table, rel_rms
     from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref
@@ -562,6 +571,11 @@ def bench_gemv(b: Bench) -> dict:
                      "weight_GBps": 2 * N * K / base * 1e-6})
         print(f"  {rows[-1]}", flush=True)
         impls = [("dequant_gemm", str(D.fma_gemv_config(K)), dequant_gemm)]
+        pdl = "on" if D.pdl_supported(x.device) else "off (not supported here)"
+        impls += [("dequant_gemm pdl", f"{D.fma_gemv_config(K)} pdl={pdl} pdl_tiles={D.FMA_PDL_TILES}",
+                   lambda *a: dequant_gemm(*a, pdl=True))]
+        impls += [("fixed config pdl", f"{D.fma_gemv_config(K)} pdl={pdl} pdl_tiles={t}",
+                   fma_gemv_fixed(D.fma_gemv_config(K), pdl=True, pdl_tiles=t)) for t in (2, 32)]
         impls += [("fixed config", str(c), fma_gemv_fixed(c)) for c in _gemv_sweep()]
         # the uint8 path of GPUs without an fp8 type (sm80/86), forced here: its own config, and the candidates
         codes = lambda f: lambda x, w, s, bias: f(x, w.view(torch.uint8), s, bias)  # noqa: E731
@@ -867,8 +881,8 @@ def targets(res: dict) -> list[dict]:
             out.append({"target": f"dequant {r['case']} {r['impl']} M={r['M']} time <= 1.15x F.linear",
                         "value": 1 / r["speedup_vs_linear"], "met": 1 / r["speedup_vs_linear"] <= 1.15})
     for r in rows("gemv"):
-        if r.get("impl") == "dequant_gemm" and "speedup_vs_linear" in r:  # the fp8 type; bitcast has no target
-            out.append({"target": f"GEMV M=2 {r['case']}: dequant_gemm >= 1.6x F.linear (graph)",
+        if r.get("impl") in ("dequant_gemm", "dequant_gemm pdl") and "speedup_vs_linear" in r:  # bitcast: none
+            out.append({"target": f"GEMV M=2 {r['case']}: {r['impl']} >= 1.6x F.linear (graph)",
                         "value": r["speedup_vs_linear"], "met": r["speedup_vs_linear"] >= 1.6})
     return out
 

@@ -40,7 +40,10 @@ What is fused when, and why (route="auto"; "fused" / "dequant" force one):
     (1.49-1.50x), Medium's (1536 -> 13824) 9.2-9.4 vs 13.3-13.4 us (1.42-1.45x), and the one GEMV over all of
     Large's adaLN weights that minisd35/fast.py runs per step (1,108,992 rows) 0.708-0.733 vs 1.203-1.255 ms
     (1.68-1.71x, 3.7-3.8 TB/s of fp8 weight; copy bandwidth 4.2 TB/s). The MMA kernel's GEMV configs are slower
-    at all three (session 6: 20.9 us, 13.7 us, 0.968 ms), so the route is fixed rather than timed.
+    at all three (session 6: 20.9 us, 13.7 us, 0.968 ms), so the route is fixed rather than timed. With
+    pdl=True (sm90+) it is launched with programmatic dependent launch: it starts while the previous kernel drains,
+    prefetches its first weight tiles into L2 and waits for that kernel before it reads x (not yet measured; the
+    per-layer call pays ~3.7 us of ramp and drain beyond its bytes, see FMA_GEMV_CONFIG).
   4 < M < DEQUANT_ROUTE_MIN_M (512): the fused MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune
     set. Here the product is memory-bound or close to it, and reading 1 byte per weight instead of 2 (and never
     writing a bf16 copy) is what the fusion buys.
@@ -66,6 +69,7 @@ programs stream the weight at once. Two autotuned config sets (same kernel): GEM
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -76,6 +80,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+try:  # grid dependency control (Triton 3.3+): inline PTX griddepcontrol.launch_dependents / griddepcontrol.wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 from kernels._common import (
     FP8,
@@ -129,6 +138,7 @@ GEMM_CONFIGS = [
 # vs 13.10 us (Large), 9.39 vs 9.26 us (Medium). The SMs with less to do leave their share of DRAM bandwidth to
 # the others; what the per-layer call pays beyond its bytes (~3.7 us at the one GEMV's 3.8 TB/s) is the wave's
 # ramp and drain, which only overlapping consecutive kernels (programmatic dependent launch) would hide.
+# dequant_gemm(..., pdl=True) does that on sm90+ (see _dequant_gemv_kernel and FMA_PDL_TILES; not yet measured).
 FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
 FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)
 # decoding uint8 codes by hand (bitcast=True) needs more registers: under the cap 32 x 128 spills (112 bytes, sm80),
@@ -136,6 +146,13 @@ FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2
 # within a few percent on the one all-adaLN GEMV (16 x 128, 4 warps: 1.403 vs 1.456 ms) and up to 10% faster per
 # layer (8 x 256, 2 warps: 24.6 vs 27.1 us); kept, as Hopper is not where this path runs.
 FMA_GEMV_BITCAST_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)
+# With programmatic dependent launch (dequant_gemm(..., pdl=True), sm90+): the tiles of each row that a program asks
+# L2 for before it waits for the previous kernel. 8 x 128 bytes per row is 32 KB per program, so Large's 456
+# programs can have 15 MB of its 35 MB layer on the way from DRAM while the previous kernel drains (those that have
+# an SM slot by then). On the one GEMV over all layers only the first wave starts early; every later program just
+# has its first 8 tiles requested ahead of its loads. Not yet measured on a GPU: bench/kernels_gpu.py's gemv section
+# times it against no PDL and against other depths.
+FMA_PDL_TILES = 8
 FMA_WIDE_K = 4096  # K above this takes FMA_GEMV_WIDE_CONFIG
 FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time; the FMA one's is unrolled)
 # the interpreter: one small config per set, nothing to time (the GEMV one takes the swapped path)
@@ -229,6 +246,17 @@ def _x_row(x_ptr, row: tl.constexpr, stride_xm, k0, offs_k, zero_n, K, MASKED: t
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines holding a tile of weight codes, with no register to load them into: one PTX
+    prefetch.global.L2 (SASS CCTL.E.PF2) per 8 consecutive codes, i.e. per thread and row of the tile (pack=8: the
+    asm takes a thread's 8 pointers, $8..$15, and names 8 dummy outputs, $0..$7; a warp's 16 pieces of one row are
+    one 128-byte line). A prefetch is a hint without a result: L2 is the GPU's point of coherence, so it cannot
+    make a later load read stale data."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$8]; // $0 $1 $2 $3 $4 $5 $6 $7 $9 $10 $11 $12 $13 $14 $15",
+                              "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l", [ptrs], dtype=tl.int32, is_pure=False, pack=8)
+
+
+@triton.jit
 def _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, k0, offs_k, zero_n, K,
                ROWS: tl.constexpr, BITCAST: tl.constexpr, MASKED: tl.constexpr):
     """One K tile: decode a [BLOCK_N, BLOCK_K] tile of weight codes and multiply-add it into one fp32 product tile
@@ -269,6 +297,7 @@ def _dequant_gemv_kernel(
     M, N, K, stride_xm, stride_wn, stride_om,
     W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BITCAST: tl.constexpr, ROWS: tl.constexpr,
     K_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr, PDL_TILES: tl.constexpr,
 ):
     """ROWS = M <= 4 tokens, fp32 FMAs, no tensor cores. A GEMV is a stream over the weight: the kernel is fast
     exactly when enough weight bytes are in flight to cover the memory latency (~27 KB per SM on an H200: 4.8 TB/s
@@ -277,7 +306,15 @@ def _dequant_gemv_kernel(
     so the compiler issues all of a row's loads before the first multiply, and each thread keeps K / BLOCK_K
     16-byte loads in flight instead of one. The products stay elementwise in one fp32 [BLOCK_N, BLOCK_K] tile per
     token (no reduction inside the loop, whose shuffles would serialise the tiles again); one sum at the end.
-    (The first version reduced every tile and looped at run time: ~1.2 TB/s of weight, GPU session 2.)"""
+    (The first version reduced every tile and looped at run time: ~1.2 TB/s of weight, GPU session 2.)
+
+    PDL (programmatic dependent launch; sm90+, launched with launch_pdl): the kernel may start while the one before
+    it in the stream is still draining. It lets its own successor launch, asks L2 for its first PDL_TILES weight
+    tiles (a static weight, not the predecessor's output: see dequant_gemm's pdl; DRAM has bandwidth to spare in a
+    drain), and only then waits for the predecessor to finish with its writes visible (griddepcontrol.wait): every
+    load of x, scale and bias and every store comes after the wait. Prefetched into L2 rather than loaded into
+    registers, because at the 128-register cap there is no room to hold tiles across the wait: holding 1-4 of them
+    spilled 8-56 bytes, depending on K (ptxas keeps the loads before the wait, and the live values with them)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = offs_n % N  # wrapped: the loads need no N mask, the extra rows are not stored
     # 0 .. BLOCK_K-1 written so that the compiler sees runs of 8 contiguous columns, not BLOCK_K: the weight tile
@@ -290,11 +327,18 @@ def _dequant_gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may launch once every program got here (or exited)
+        for t in tl.static_range(min(PDL_TILES, K_TILES if EVEN_K else K_TILES - 1)):  # never past the last row
+            _prefetch_l2(w_ptrs + t * BLOCK_K)
+        gdc_wait()
     for t in tl.static_range(K_TILES - 1):  # the full tiles
         acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, t * BLOCK_K, offs_k,
                                             zero_n, K, ROWS, BITCAST, False)
     acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, x_ptr, w_ptrs, stride_xm, (K_TILES - 1) * BLOCK_K,
                                         offs_k, zero_n, K, ROWS, BITCAST, not EVEN_K)  # the last, masked if K % BLOCK_K
+    if PDL:  # clamped, not wrapped: recomputed from offs_n, where holding rn through the loop spilled with PDL
+        rn = tl.minimum(offs_n, N - 1)
     _gemv_store(acc0, 0, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
     if ROWS > 1:
         _gemv_store(acc1, 1, offs_n, rn, N, out_ptr, stride_om, w_scale_ptr, bias_ptr, W_PER_COL, HAS_BIAS)
@@ -375,10 +419,33 @@ def fma_gemv_config(K: int, bitcast: bool = False) -> triton.Config:
 _fma_gemv = _even_k(_k_tiles(_dequant_gemv_kernel))
 
 
-def fma_gemv_launch(cfg: triton.Config, args: tuple, M: int, N: int, flags: dict) -> None:
-    """Launch the FMA GEMV with one config; args as _dequant_gemv_kernel takes them, up to stride_om."""
-    opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
-    _fma_gemv[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](*args, ROWS=M, **flags, **cfg.kwargs, **opts)
+@functools.cache
+def _triton_has_pdl() -> bool:
+    """This Triton has both halves of PDL: the griddepcontrol intrinsics and the launch_pdl launch option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return gdc_wait is not None and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def pdl_supported(dev: torch.device) -> bool:
+    """Whether the FMA GEMV can run with programmatic dependent launch on dev: compiled (not the interpreter), a
+    CUDA GPU of compute capability 9.0+ (griddepcontrol is sm90 PTX), and a Triton that has it."""
+    return not interpreting() and dev.type == "cuda" and capability(dev) >= (9, 0) and _triton_has_pdl()
+
+
+def fma_gemv_launch(cfg: triton.Config, args: tuple, M: int, N: int, flags: dict, pdl: bool = False,
+                    pdl_tiles: int = FMA_PDL_TILES) -> None:
+    """Launch the FMA GEMV with one config; args as _dequant_gemv_kernel takes them, up to stride_om. pdl: launch
+    with programmatic dependent launch where pdl_supported() (else ignored), prefetching pdl_tiles tiles per row."""
+    pdl = pdl and pdl_supported(args[0].device)
+    opts = {"num_warps": cfg.num_warps, "num_stages": 1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            **({"launch_pdl": True} if pdl else {})}
+    _fma_gemv[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](*args, ROWS=M, **flags, PDL=pdl, PDL_TILES=pdl_tiles,
+                                                        **cfg.kwargs, **opts)
+
+
 _mma = _even_k(_dequant_gemm_kernel)
 _gemv = triton.autotune(do_bench=tune_bench, configs=pick_configs(GEMV_CONFIGS, CPU_GEMV_CONFIGS),
                         key=["N", "K", "BITCAST"])(_mma)
@@ -390,11 +457,21 @@ ROUTES = ("auto", "fused", "dequant")
 
 
 def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 bitcast: bool | None = None, route: str = "auto") -> torch.Tensor:
+                 bitcast: bool | None = None, route: str = "auto", pdl: bool = False) -> torch.Tensor:
     """y [M, N] (x's dtype) = x @ (w.float() * w_scale[:, None]).T + bias, with fp32 accumulation.
     x [M, K] bf16/fp16, w [N, K] e4m3 or uint8, w_scale fp32 [N] or [1]. bitcast: see the module docstring.
     route: "auto" (fused kernels below DEQUANT_ROUTE_MIN_M rows, dequant_weight + F.linear from there on), or
-    "fused" / "dequant" to force one."""
+    "fused" / "dequant" to force one.
+
+    pdl: launch the FMA GEMV (M <= 4) with programmatic dependent launch: it may start while the previous kernel
+    in the stream drains, and overlaps its ramp with that drain (see _dequant_gemv_kernel). Ignored where it does
+    not apply: the interpreter, the CPU, GPUs below sm90, the MMA and dequant routes. x, w_scale and bias are read,
+    and y written, only after the kernel's wait for the previous kernel, so they may be its output. w is touched
+    before the wait, and that is the hazard this opts into: w must not be written by a kernel that may still be
+    running, which with chains of PDL kernels (each lets its successor start at once) is not only the one just
+    before. Module parameters qualify. (Today the touch is an L2 prefetch, a hint without a result, and L2 is
+    coherent, so even a w written just before is read correctly; the contract is kept for a prologue that would
+    load w into registers.) Off by default until measured on a GPU."""
     if route not in ROUTES:
         raise InputError(f"dequant_gemm: route={route!r} is not one of {ROUTES}")
     M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
@@ -404,7 +481,7 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     # shape (H200: 1.2-1.5x, see the module docstring); wider rows than its unrolled loop takes go to the MMA one
     if M > FMA_MAX_M or (M and x.shape[1] > FMA_MAX_K):
         return _dequant_gemm(x, w, w_scale, bias, bitcast, "mma")
-    return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma")
+    return _dequant_gemm(x, w, w_scale, bias, bitcast, "fma", pdl)
 
 
 def _dequant_then_linear(x, w, w_scale, bias, bitcast) -> torch.Tensor:
@@ -418,8 +495,9 @@ def _dequant_then_linear(x, w, w_scale, bias, bitcast) -> torch.Tensor:
     return F.linear(x, wd, None if bias is None else bias.to(x.dtype))
 
 
-def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
-    """path: "fma" (the FMA GEMV, M <= 4) or "mma" (tensor cores; GEMV configs up to 16 rows, GEMM above)."""
+def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str, pdl: bool = False) -> torch.Tensor:
+    """path: "fma" (the FMA GEMV, M <= 4; pdl: see dequant_gemm) or "mma" (tensor cores; GEMV configs up to 16
+    rows, GEMM above; pdl is ignored)."""
     fn = "dequant_gemm"
     check_tensor(fn, "x", x, (torch.bfloat16, torch.float16), ndim=2)
     check_tensor(fn, "w", w, (FP8, torch.uint8), ndim=2, int64=True)  # e.g. all of a model's adaLN weights at once
@@ -457,7 +535,7 @@ def _dequant_gemm(x, w, w_scale, bias, bitcast, path: str) -> torch.Tensor:
             if K > FMA_MAX_K:
                 raise InputError(f"dequant_gemm: the FMA GEMV takes K <= {FMA_MAX_K} (its K loop is unrolled), "
                                  f"got K={K}")
-            fma_gemv_launch(fma_gemv_config(K, bool(bitcast)), args, M, N, flags)
+            fma_gemv_launch(fma_gemv_config(K, bool(bitcast)), args, M, N, flags, pdl)
         else:
             launch = _gemv if M <= GEMV_MAX_M else _gemm
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -320,7 +320,9 @@ class FastMMDiT(nn.Module):
             elif sc.is_cuda and resolve_impl(sc.device) == "triton":
                 from kernels.fp8_dequant_gemm import dequant_gemm
 
-                allm = dequant_gemm(sc.to(self.adaln_b.dtype).contiguous(), self.adaln_w, self.adaln_s, self.adaln_b)
+                # pdl: adaln_w is written once, in _fuse_adaln, never by the kernel before (see dequant_gemm)
+                allm = dequant_gemm(sc.to(self.adaln_b.dtype).contiguous(), self.adaln_w, self.adaln_s, self.adaln_b,
+                                    pdl=True)
             else:
                 w = (self.adaln_w.float() * self.adaln_s[:, None]).to(self.adaln_b.dtype)
                 allm = F.linear(sc.to(w.dtype), w, self.adaln_b)

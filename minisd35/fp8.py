@@ -304,7 +304,8 @@ def _linear_triton(m: FP8Linear, x: torch.Tensor, recipe: str) -> torch.Tensor:
     if recipe == "w8-only":
         from kernels.fp8_dequant_gemm import dequant_gemm
 
-        return dequant_gemm(x.contiguous(), m.weight, m.weight_scale, _bias(m, x.dtype))
+        # pdl: the weight is a static parameter, never the previous kernel's output (see dequant_gemm)
+        return dequant_gemm(x.contiguous(), m.weight, m.weight_scale, _bias(m, x.dtype), pdl=True)
     from kernels.fp8_gemm import fp8_gemm
     from kernels.fp8_quant import quant_fp8
 

@@ -66,7 +66,8 @@ def codes(q: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compiles for GPU targets, without a GPU: `build(...)` in a script that run_aot() runs in a fresh
 # process with the interpreter off. Each record says whether it compiled, its shared memory, its register spills
-# (`stack`, from the cuobjdump Triton bundles; None without it) and counts of PTX instructions the tests look for.
+# (`stack`, from the cuobjdump Triton bundles; None without it), counts of PTX instructions the tests look for,
+# and on request (keep=) the PTX and SASS themselves.
 
 AOT_PRELUDE = r'''
 import json, os, re, subprocess, sys, tempfile
@@ -86,19 +87,26 @@ def jit_fn(k):
         k = k.fn
     return k
 
-def stack_bytes(cubin):  # per-thread stack (register spills) from the bundled cuobjdump, None if unavailable
+def cuobjdump(cubin, flag):  # the bundled cuobjdump's output for one flag, None if unavailable
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"STACK:(\d+)", out)
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+def stack_bytes(cubin):  # per-thread stack (register spills), None if unavailable
+    m = re.search(r"STACK:(\d+)", cuobjdump(cubin, "--dump-resource-usage") or "")
     return int(m.group(1)) if m else None
 
+def sass_lines(cubin):  # the SASS instructions, one a line without addresses or encodings, None if unavailable
+    out = cuobjdump(cubin, "-sass")
+    return None if out is None else [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", out)]
+
 out = []
-def build(name, kernel, sig, consts, arch=90, cfg=None, warps=4, stages=3, **options):
+def build(name, kernel, sig, consts, arch=90, cfg=None, warps=4, stages=3, keep=(), **options):
+    # keep: "ptx" and / or "sass" (a list of instruction lines) to return in the record as well
     fn = jit_fn(kernel)
     if cfg is not None:
         consts, warps, stages = {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
@@ -118,7 +126,9 @@ def build(name, kernel, sig, consts, arch=90, cfg=None, warps=4, stages=3, **opt
                    fma=len(re.findall(r"\bfma\.rn\.f32", ptx)), v4_loads=len(re.findall(r"ld\.global[\.\w]*\.v4", ptx)),
                    satfinite=ptx.count("cvt.rn.satfinite.e4m3x2"), setmaxnreg=ptx.count("setmaxnreg"),
                    fadd=ptx.count("add.f32"), bf16_fma=ptx.count("fma.rn.bf16"),
-                   wgmma_waits=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)])
+                   wgmma_waits=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)],
+                   launch_pdl=getattr(k.metadata, "launch_pdl", None))
+        rec.update({kind: ptx if kind == "ptx" else sass_lines(k.asm["cubin"]) for kind in keep})
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[-1500:])
     out.append(rec)

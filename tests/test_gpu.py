@@ -9,6 +9,7 @@
 - every FP8 GEMM variant a user may pick finishes and agrees with the reference ("ws" is refused); the Gluon GEMM
   with each epilogue on odd shapes, its error at K = 9728 that of precise accumulation;
 - the weight-only kernel's uint8 bit-decoding path (for GPUs whose Triton has no fp8 type) equals the fp8 path;
+  its FMA GEMV with programmatic dependent launch reads x only after the previous kernel wrote it (sm90+);
 - the autotuners' timing helper allocates an L2-sized flush buffer and agrees with triton.testing.do_bench;
 - determinism: the same seed gives byte-identical PNGs twice, in bf16 and in FP8.
 """
@@ -287,6 +288,54 @@ def test_dequant_bitcast_path_matches():
         # the decode is exact (checked on all 256 codes on the CPU); the two kernels may pick different tiles, so
         # their bf16 outputs can differ by a rounding in a few elements
         assert rel_rms(a, b) < 1e-4, (M, K, N)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="PDL: sm90")
+@pytest.mark.parametrize("graphed", [False, True])
+@pytest.mark.parametrize("feed", ["torch", "gemv"])
+def test_dequant_gemv_pdl_reads_x_after_the_wait(feed, graphed):
+    # 20 back-to-back GEMVs with pdl=True on distinct weights, each one's x written by the kernel just before it: a
+    # torch kernel (feed="torch"), or the previous GEMV itself (feed="gemv": x is a view of its output, and that
+    # GEMV lets its successor launch early). A GEMV that read x before its griddepcontrol.wait would see the
+    # buffer's old contents. Eager, and replayed in a CUDA graph, where the captured launches keep their PDL edges;
+    # replayed twice, with a different x0 the second time (a stale read would then see the first replay's x).
+    from kernels.fp8_dequant_gemm import dequant_gemm, dequant_gemm_ref, pdl_supported
+    from kernels.fp8_quant import quant_fp8_ref
+
+    assert pdl_supported(torch.device("cuda"))
+    torch.manual_seed(4)
+    M, K, N = 2, 2432, 6 * 2432  # SD3.5 Large's adaLN
+    ws = [quant_fp8_ref(torch.randn(N, K, device="cuda") / K**0.5) for _ in range(20)]  # outputs stay ~N(0, 1)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16) * 0.1
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        xs, ys = [], []
+        for i, (w, s) in enumerate(ws):
+            if i == 0:
+                x = x0 * 1.0001
+            else:
+                prev = ys[-1][:, (i % 6) * K : (i % 6 + 1) * K]
+                x = prev * 1.0001 if feed == "torch" else prev
+            xs.append(x)
+            ys.append(dequant_gemm(x, w, s, bias, pdl=True))
+        return xs, ys
+
+    def check(xs, ys):
+        torch.cuda.synchronize()
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            assert rel_rms(y, dequant_gemm_ref(x, *ws[i], bias)) < 1e-2, (feed, graphed, i)
+
+    xs, ys = chain()  # also compiles the kernel, outside any capture
+    check(xs, ys)
+    if graphed:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            xs, ys = chain()
+        for sign in (1, -1):
+            x0.mul_(sign)
+            g.replay()
+            check(xs, ys)
 
 
 @pytest.mark.parametrize("policy", [None, "default"])

@@ -13,6 +13,8 @@ On a machine with a GPU the same tests run on CUDA tensors against the compiled 
 autotune the full GPU config lists (minutes, not seconds).
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,6 +290,22 @@ def test_dequant_gemv_paths_agree(path):
             assert rel_rms(_dequant_gemm(x, w, sw, bias, bitcast, path), dequant_gemm_ref(x, w, sw, bias)) < 1e-3
 
 
+@pytest.mark.parametrize("bitcast", [False, True])
+def test_dequant_gemm_pdl_runs_where_unsupported(bitcast):
+    # pdl=True under the interpreter (and on the CPU, below sm90, on the MMA path) runs the same kernel without PDL;
+    # on an sm90+ GPU it is the PDL kernel, whose arithmetic is the same: equal outputs either way
+    from kernels.fp8_dequant_gemm import pdl_supported
+
+    assert DEV == "cuda" or not pdl_supported(torch.device(DEV))
+    w, sw = quant_fp8_ref(randn(56, 100, scale=0.05, seed=32))
+    bias = randn(56, dtype=torch.bfloat16, seed=33)
+    for M in (1, 2, 4, 7):  # the FMA GEMV up to 4 rows, the MMA one at 7 (pdl ignored)
+        x = randn(M, 100, dtype=torch.bfloat16, seed=M)
+        out = dequant_gemm(x, w, sw, bias, bitcast=bitcast, pdl=True)
+        assert torch.equal(out, dequant_gemm(x, w, sw, bias, bitcast=bitcast)), M
+        assert rel_rms(out, dequant_gemm_ref(x, w, sw, bias)) < 1e-2, M
+
+
 def test_dequant_gemm_uint8_weight_and_per_tensor_scale():
     x = randn(5, 72, dtype=torch.float16, seed=20)
     w, sw = quant_fp8_ref(randn(40, 72, scale=0.05, seed=21), per_token=False)
@@ -412,11 +430,12 @@ for cfg, K, bitcast, arch in fma_cases:  # SD3.5's adaLN widths and each config'
     bk = cfg.kwargs["BLOCK_K"]
     build(f"dequant FMA GEMV {cfg.kwargs} maxnreg={cfg.maxnreg} K={K} bitcast={bitcast}", D._dequant_gemv_kernel,
           {**d_sig, "w_ptr": "*u8"} if bitcast else d_sig, dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=bitcast,
-          ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0), arch, cfg=cfg)
+          ROWS=2, K_TILES=-(-K // bk), EVEN_K=K % bk == 0, PDL=False, PDL_TILES=1), arch, cfg=cfg)
 for cfg in (D.FMA_GEMV_BITCAST_CONFIG, D.FMA_GEMV_WIDE_CONFIG):  # 3 rows, a masked K tail, fp16 (the sm80 case)
     build(f"dequant FMA GEMV sm80 {cfg.kwargs} fp16 bitcast", D._dequant_gemv_kernel,
           {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
-          dict(W_PER_COL=False, HAS_BIAS=False, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False), 80, cfg=cfg)
+          dict(W_PER_COL=False, HAS_BIAS=False, BITCAST=True, ROWS=3, K_TILES=5, EVEN_K=False, PDL=False,
+               PDL_TILES=1), 80, cfg=cfg)
 for cfg in (fp8_dequant_gemm.GEMV_CONFIGS[1], fp8_dequant_gemm.GEMM_CONFIGS[2]):
     build(f"dequant sm80 bitcast {cfg.kwargs}", fp8_dequant_gemm._dequant_gemm_kernel,
           {**d_sig, "x_ptr": "*fp16", "out_ptr": "*fp16", "w_ptr": "*u8"},
@@ -460,3 +479,62 @@ def test_kernels_compile_for_the_gpu():
     assert heads["v4_loads"] > 0 and heads["v4_loads"] == rows["v4_loads"]
     # ln_mod keeps torch's two roundings of x * (1 + scale) + shift: no bf16 fma fusing them into one
     assert builds[("ln_mod quant=False", 90)]["bf16_fma"] == 0 and builds[("ln_mod quant=True", 90)]["bf16_fma"] == 0
+
+
+# the FMA GEMV with programmatic dependent launch (dequant_gemm(..., pdl=True)), compiled for sm90: SD3.5's two adaLN
+# widths and the capped config's widest rows, 1 and 2 token rows, the wide config with a masked K tail, and the same
+# kernel without PDL
+_PDL_SCRIPT = r'''
+D = fp8_dequant_gemm
+d_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
+cases = [(D.FMA_GEMV_CONFIG, K, rows, True) for K in (1536, 2432, D.FMA_WIDE_K) for rows in (1, 2)]
+cases += [(D.FMA_GEMV_WIDE_CONFIG, D.FMA_MAX_K - 40, 2, True), (D.FMA_GEMV_CONFIG, 2432, 2, False)]
+for cfg, K, rows, pdl in cases:
+    bk = cfg.kwargs["BLOCK_K"]
+    build(f"FMA GEMV BLOCK_K={bk} K={K} rows={rows} pdl={pdl}", D._dequant_gemv_kernel, d_sig,
+          dict(W_PER_COL=True, HAS_BIAS=True, BITCAST=False, ROWS=rows, K_TILES=-(-K // bk), EVEN_K=K % bk == 0,
+               PDL=pdl, PDL_TILES=D.FMA_PDL_TILES), 90, cfg=cfg, keep=("ptx", "sass"), launch_pdl=pdl)
+'''
+
+
+@pytest.mark.slow
+def test_fma_gemv_pdl_waits_before_reading_x():
+    # PDL lets the kernel start while the previous one (which may have written x) is still running: the only memory
+    # operations before griddepcontrol.wait may be the L2 prefetches of the weight's first tiles; every load (weight,
+    # x, scale, bias) and every store after it. Checked in the PTX and again in the SASS, where ptxas could have
+    # moved them: launch_dependents is PREEXIT, the wait ACQBULK, a prefetch CCTL.E.PF2.
+    D = fp8_dequant_gemm
+    for r in run_aot(_PDL_SCRIPT):
+        name, ptx, sass = r["name"], r["ptx"], r["sass"]
+        if name.endswith("pdl=False"):  # the kernel dequant_gemm runs by default: untouched
+            assert "griddepcontrol" not in ptx and "prefetch" not in ptx and r["launch_pdl"] is False, name
+            continue
+        bk, K = (int(v) for v in re.search(r"BLOCK_K=(\d+) K=(\d+)", name).groups())
+        tiles = min(D.FMA_PDL_TILES, K // bk)  # full tiles only: a masked tail's lines may lie past the weight
+        assert r["launch_pdl"] is True, name  # the launcher sets the stream attribute from this
+        assert ptx.count("griddepcontrol.launch_dependents") == 1 and ptx.count("griddepcontrol.wait") == 1, name
+        before, after = ptx.split("griddepcontrol.wait")
+        assert "griddepcontrol.launch_dependents" in before, name
+        assert not re.search(r"\b(ld|st)\.global", before), name
+        # one prefetch per tile and piece: a thread holds BLOCK_N * BLOCK_K / 8 / threads pieces of 8 codes of the
+        # [BLOCK_N, BLOCK_K] tile (4 in both configs, each in a row of its own)
+        cfg = D.FMA_GEMV_CONFIG if bk == D.FMA_GEMV_CONFIG.kwargs["BLOCK_K"] else D.FMA_GEMV_WIDE_CONFIG
+        pieces = cfg.kwargs["BLOCK_N"] * bk // 8 // (32 * cfg.num_warps)
+        assert before.count("prefetch.global.L2") == tiles * pieces, name
+        assert "prefetch" not in after, name
+        # all the weight's 8-byte loads (one per tile and piece) and the x loads come after the wait
+        assert len(re.findall(r"ld\.global\.v2\.b32", after)) == -(-K // bk) * pieces, name
+        assert re.search(r"ld\.global\.v4\.b32", after) and re.search(r"st\.global", after), name
+        if sass is None:  # no cuobjdump in this Triton
+            continue
+        assert r["stack"] == 0, (name, r["stack"])  # no spills under the 128-register cap
+        ops = [line.split()[1] if line.startswith("@") else line.split()[0] for line in sass]
+        wait = ops.index("ACQBULK")
+        assert ops.count("ACQBULK") == 1 and "PREEXIT" in ops[:wait], name
+        assert not [op for op in ops[:wait] if op.startswith(("LDG", "STG", "LD.", "ST.", "LDL", "STL"))], name
+        prefetches = [line for line in sass[:wait] if line.startswith("CCTL.E.PF2")]
+        assert len(prefetches) == tiles * pieces and not [op for op in ops[wait:] if op.startswith("CCTL")], name
+        # and they are the weight's tiles: 4 row bases, offsets k0 = 0, BLOCK_K, ... (x, bf16, steps 2 * BLOCK_K)
+        offsets = {int(m.group(1), 16) if (m := re.search(r"\+0x([0-9a-f]+)\]", p)) else 0 for p in prefetches}
+        assert offsets == {t * bk for t in range(tiles)}, (name, sorted(offsets))
