@@ -42,8 +42,11 @@ What is fused when, and why (route="auto"; "fused" / "dequant" force one):
     (1.68-1.71x, 3.7-3.8 TB/s of fp8 weight; copy bandwidth 4.2 TB/s). The MMA kernel's GEMV configs are slower
     at all three (session 6: 20.9 us, 13.7 us, 0.968 ms), so the route is fixed rather than timed. With
     pdl=True (sm90+) it is launched with programmatic dependent launch: it starts while the previous kernel drains,
-    prefetches its first weight tiles into L2 and waits for that kernel before it reads x (not yet measured; the
-    per-layer call pays ~3.7 us of ramp and drain beyond its bytes, see FMA_GEMV_CONFIG).
+    prefetches its first weight tiles into L2 and waits for that kernel before it reads x (the per-layer call pays
+    ~3.7 us of ramp and drain beyond its bytes, see FMA_GEMV_CONFIG). H200, GPU session 12 (bench/results/
+    2026-12-04_h200_session12/gemv_run8.json), back-to-back calls on distinct weights in one CUDA graph: Large
+    12.13 us against 13.16 without PDL and bf16 F.linear's 19.73 (1.63x), Medium 7.86 / 9.28 / 13.75 us (1.75x);
+    the one all-adaLN GEMV, replayed alone (no predecessor to overlap), 0.736 vs 0.731 ms (1.71x / 1.72x).
   4 < M < DEQUANT_ROUTE_MIN_M (512): the fused MMA kernel, with a GEMV-shaped (M <= 16) and a GEMM-shaped autotune
     set. Here the product is memory-bound or close to it, and reading 1 byte per weight instead of 2 (and never
     writing a bf16 copy) is what the fusion buys.
@@ -138,7 +141,8 @@ GEMM_CONFIGS = [
 # vs 13.10 us (Large), 9.39 vs 9.26 us (Medium). The SMs with less to do leave their share of DRAM bandwidth to
 # the others; what the per-layer call pays beyond its bytes (~3.7 us at the one GEMV's 3.8 TB/s) is the wave's
 # ramp and drain, which only overlapping consecutive kernels (programmatic dependent launch) would hide.
-# dequant_gemm(..., pdl=True) does that on sm90+ (see _dequant_gemv_kernel and FMA_PDL_TILES; not yet measured).
+# dequant_gemm(..., pdl=True) does that on sm90+ (see _dequant_gemv_kernel and FMA_PDL_TILES): Large 13.16 -> 12.13 us
+# (1.50x -> 1.63x bf16's speed), Medium 9.28 -> 7.86 us (1.48x -> 1.75x), session 12 run 8.
 FMA_GEMV_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1, maxnreg=128)
 FMA_GEMV_WIDE_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=2, num_stages=1)
 # decoding uint8 codes by hand (bitcast=True) needs more registers: under the cap 32 x 128 spills (112 bytes, sm80),
@@ -150,8 +154,8 @@ FMA_GEMV_BITCAST_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_war
 # L2 for before it waits for the previous kernel. 8 x 128 bytes per row is 32 KB per program, so Large's 456
 # programs can have 15 MB of its 35 MB layer on the way from DRAM while the previous kernel drains (those that have
 # an SM slot by then). On the one GEMV over all layers only the first wave starts early; every later program just
-# has its first 8 tiles requested ahead of its loads. Not yet measured on a GPU: bench/kernels_gpu.py's gemv section
-# times it against no PDL and against other depths.
+# has its first 8 tiles requested ahead of its loads. 8 is the only depth measured so far (session 12 run 8, the
+# figures above FMA_GEMV_CONFIG); bench/kernels_gpu.py's gemv section also times 2 and 32 when its budget allows.
 FMA_PDL_TILES = 8
 FMA_WIDE_K = 4096  # K above this takes FMA_GEMV_WIDE_CONFIG
 FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time; the FMA one's is unrolled)
