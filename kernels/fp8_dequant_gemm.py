@@ -154,8 +154,9 @@ FMA_GEMV_BITCAST_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_war
 # L2 for before it waits for the previous kernel. 8 x 128 bytes per row is 32 KB per program, so Large's 456
 # programs can have 15 MB of its 35 MB layer on the way from DRAM while the previous kernel drains (those that have
 # an SM slot by then). On the one GEMV over all layers only the first wave starts early; every later program just
-# has its first 8 tiles requested ahead of its loads. 8 is the only depth measured so far (session 12 run 8, the
-# figures above FMA_GEMV_CONFIG); bench/kernels_gpu.py's gemv section also times 2 and 32 when its budget allows.
+# has its first 8 tiles requested ahead of its loads. Session 12 run 8 (H200), depths 2 / 8 / 32: Large 12.19 /
+# 12.13 / 12.08 us, Medium 7.86 / 7.86 / 7.91 us, the one all-adaLN GEMV 0.738 / 0.736 / 0.843 ms (32 tiles per
+# row thrash L2 there); so the overlap, not the depth, is what the per-layer call gains, and 8 stays.
 FMA_PDL_TILES = 8
 FMA_WIDE_K = 4096  # K above this takes FMA_GEMV_WIDE_CONFIG
 FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time; the FMA one's is unrolled)
