@@ -156,7 +156,7 @@ FMA_GEMV_BITCAST_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_war
 # an SM slot by then). On the one GEMV over all layers only the first wave starts early; every later program just
 # has its first 8 tiles requested ahead of its loads. Session 12 run 8 (H200), depths 2 / 8 / 32: Large 12.19 /
 # 12.13 / 12.08 us, Medium 7.86 / 7.86 / 7.91 us, the one all-adaLN GEMV 0.738 / 0.736 / 0.843 ms (32 tiles per
-# row thrash L2 there); so the overlap, not the depth, is what the per-layer call gains, and 8 stays.
+# row, likely thrashing L2 there; not profiled); so the overlap, not the depth, is the gain, and 8 stays.
 FMA_PDL_TILES = 8
 FMA_WIDE_K = 4096  # K above this takes FMA_GEMV_WIDE_CONFIG
 FMA_MAX_K = 8192  # wider rows take the MMA GEMV (its K loop runs at run time; the FMA one's is unrolled)
