@@ -476,7 +476,7 @@ def dequant_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     running, which with chains of PDL kernels (each lets its successor start at once) is not only the one just
     before. Module parameters qualify. (Today the touch is an L2 prefetch, a hint without a result, and L2 is
     coherent, so even a w written just before is read correctly; the contract is kept for a prologue that would
-    load w into registers.) Off by default until measured on a GPU."""
+    load w into registers.) Off by default: the caller vouches for w (fp8.py and fast.py do)."""
     if route not in ROUTES:
         raise InputError(f"dequant_gemm: route={route!r} is not one of {ROUTES}")
     M = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0

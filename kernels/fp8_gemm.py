@@ -47,7 +47,7 @@ the other's MMAs (ping-pong by scheduling rather than by construction). On the G
 and precise, compiled in 1.0-1.8 s and not one launch returned within 45 s, so fp8_gemm refuses it on a GPU
 unless MINISD35_GEMM_WS=1 (to try another Triton; the interpreter runs it, ignoring the specialisation, and the
 compile test checks the split). kernels/fp8_gemm_gluon.py writes the overlap out by hand instead (Gluon's async
-wgmma, two alternating partial accumulators): 0.70-0.84x of cuBLAS, see its docstring. "tma" is the
+wgmma, two alternating partial accumulators; warp-specialised): level with cuBLAS, see its docstring. "tma" is the
 same kernel without the specialisation, to separate the two effects; "add" is the promotion by `acc += tl.dot` of
 the earlier study; "persistent" (one program per SM over all output tiles) overlaps the next tile's loads with
 this tile's epilogue, which cuBLAS also does, but not the promotion (see its docstring for what it measured).
