@@ -111,11 +111,13 @@ def _load_tile(a_desc, w_desc, a_s, w_s, bars, t, off_m, off_n, k_tiles, STAGES:
 
 
 @gluon.jit
-def _issue(a_s, w_s, bars, part, t, STAGES: gl.constexpr):
-    """Wait for K tile t's operands, then start its MMAs into `part` (zero-initialised), asynchronously."""
+def _issue(a_s, w_s, bars, part, t, ROW0: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for K tile t's operands (stage t % STAGES), then start its MMAs on rows ROW0 .. ROW0 + ROWS of the A
+    box into `part` (zero-initialised), asynchronously."""
     s = t % STAGES
     mbarrier.wait(bars.index(s), (t // STAGES) & 1)
-    return warpgroup_mma(a_s.index(s), w_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
+    return warpgroup_mma(a_s.index(s).slice(ROW0, ROWS), w_s.index(s).permute((1, 0)), part, use_acc=False,
+                         is_async=True)
 
 
 @gluon.jit
@@ -203,21 +205,21 @@ def _fp8_gemm_gluon_kernel(
     # loop invariant at the top: p0 = tile k - 1's MMAs in flight (an async accumulator), p1 = a free register tile
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
     p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
-    p0 = _issue(a_s, w_s, bars, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), 0, STAGES)
+    p0 = _issue(a_s, w_s, bars, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), 0, 0, BLOCK_M, STAGES)
     for k in range(1, k_tiles - 1, 2):  # two tiles per trip, k and k + 1 (both < k_tiles)
-        q1 = _issue(a_s, w_s, bars, p1, k, STAGES)  # tile k into P1
+        q1 = _issue(a_s, w_s, bars, p1, k, 0, BLOCK_M, STAGES)  # tile k into P1
         t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
         acc += t0  # promotion of tile k - 1, while tile k's MMAs run
         # tile k - 1's stage is free once *both* warpgroups are done with it (the wait is per warpgroup)
         gl.thread_barrier()
         _load_tile(a_desc, w_desc, a_s, w_s, bars, k - 1 + STAGES, off_m, off_n, k_tiles, STAGES, BLOCK_K)
-        p0 = _issue(a_s, w_s, bars, t0, k + 1, STAGES)  # tile k + 1 into P0
+        p0 = _issue(a_s, w_s, bars, t0, k + 1, 0, BLOCK_M, STAGES)  # tile k + 1 into P0
         p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
         acc += p1
         gl.thread_barrier()
         _load_tile(a_desc, w_desc, a_s, w_s, bars, k + STAGES, off_m, off_n, k_tiles, STAGES, BLOCK_K)
     if k_tiles % 2 == 0:  # one tile left, into P1
-        r1 = _issue(a_s, w_s, bars, p1, k_tiles - 1, STAGES)
+        r1 = _issue(a_s, w_s, bars, p1, k_tiles - 1, 0, BLOCK_M, STAGES)
         r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
         acc += r0
         r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
@@ -265,15 +267,6 @@ def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N: gl.co
 
 
 @gluon.jit
-def _ws_issue(a_s, w_s, ready, part, g, ROW0: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
-    """Wait for K tile number g, then start its MMAs on rows ROW0 .. ROW0 + ROWS of the A box, into `part`."""
-    s = g % STAGES
-    mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-    return warpgroup_mma(a_s.index(s).slice(ROW0, ROWS), w_s.index(s).permute((1, 0)), part, use_acc=False,
-                         is_async=True)
-
-
-@gluon.jit
 def _ws_consumer(a_s, w_s, ready, empty, c_desc, c_s, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
                  M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
                  A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
@@ -289,18 +282,18 @@ def _ws_consumer(a_s, w_s, ready, empty, c_desc, c_s, out_ptr, a_scale_ptr, w_sc
         off_m, off_n = _tile_offsets(tile, M, N, 2 * BLOCK_M, BLOCK_N, GROUP_M)
         acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
         p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
-        p0 = _ws_issue(a_s, w_s, ready, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), g, ROW0, BLOCK_M, STAGES)
+        p0 = _issue(a_s, w_s, ready, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), g, ROW0, BLOCK_M, STAGES)
         for k in range(1, k_tiles - 1, 2):  # as the pipelined kernel: K tiles k and k + 1 per trip
-            q1 = _ws_issue(a_s, w_s, ready, p1, g + k, ROW0, BLOCK_M, STAGES)
+            q1 = _issue(a_s, w_s, ready, p1, g + k, ROW0, BLOCK_M, STAGES)
             t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
             mbarrier.arrive(empty.index((g + k - 1) % STAGES), count=1)
             acc += t0
-            p0 = _ws_issue(a_s, w_s, ready, t0, g + k + 1, ROW0, BLOCK_M, STAGES)
+            p0 = _issue(a_s, w_s, ready, t0, g + k + 1, ROW0, BLOCK_M, STAGES)
             p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
             mbarrier.arrive(empty.index((g + k) % STAGES), count=1)
             acc += p1
         if k_tiles % 2 == 0:  # one tile left, into P1
-            r1 = _ws_issue(a_s, w_s, ready, p1, g + k_tiles - 1, ROW0, BLOCK_M, STAGES)
+            r1 = _issue(a_s, w_s, ready, p1, g + k_tiles - 1, ROW0, BLOCK_M, STAGES)
             r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
             mbarrier.arrive(empty.index((g + k_tiles - 2) % STAGES), count=1)
             acc += r0
