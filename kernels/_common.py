@@ -187,6 +187,51 @@ def tune_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
     return [float(torch.quantile(times, q)) for q in quantiles]
 
 
+def graph_bench(kernel_call, reps: int = 20, replays: int = 15) -> list[float]:
+    """Milliseconds per call with the host taken out: tune_bench times each call between two events, so where the
+    host takes longer to launch a call than the GPU takes to flush L2 before it (a Python launcher building TMA
+    descriptors, a busy CPU), the GPU idles inside the timed interval and the host's time is counted. Here `reps`
+    calls, each after the same L2 flush as tune_bench's, are captured in one CUDA graph, and so are `reps` flushes
+    alone; each graph is replayed `replays` times, interleaved, and a call's time is the difference of the two
+    replays' times over `reps`. Returns [median, 20th, 80th percentile] over the replays. The call must be
+    capturable (no host synchronisation, its autotuning done: it is called once first)."""
+    dev = torch.cuda.current_device()
+    flush = torch.empty(max(torch.cuda.get_device_properties(dev).L2_cache_size, 1 << 20) // 4, dtype=torch.int32,
+                        device="cuda")
+    passes = max(1, (256 << 20) // (flush.numel() * 4))
+
+    def clear():
+        for _ in range(passes):
+            flush.zero_()
+
+    kernel_call()
+    torch.cuda.synchronize()
+    graphs = []
+    for with_call in (True, False):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                clear()
+                if with_call:
+                    kernel_call()
+        g.replay()  # the first replay uploads the graph
+        graphs.append(g)
+    torch.cuda.synchronize()
+    diffs = []
+    for _ in range(replays):
+        spans = []
+        for g in graphs:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            g.replay()
+            t1.record()
+            spans.append((t0, t1))
+        torch.cuda.synchronize()
+        diffs.append((spans[0][0].elapsed_time(spans[0][1]) - spans[1][0].elapsed_time(spans[1][1])) / reps)
+    times = torch.tensor(diffs, dtype=torch.float64)
+    return [float(torch.quantile(times, q)) for q in (0.5, 0.2, 0.8)]
+
+
 def check_tensor(fn: str, name: str, t, dtypes: tuple, ndim: int | None = None, int64: bool = False) -> None:
     """Raise InputError naming the function, the argument and what was found, unless `t` is a tensor of one of
     `dtypes` with `ndim` dimensions whose last dimension is contiguous (rows may be strided)."""

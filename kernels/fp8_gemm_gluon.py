@@ -67,6 +67,7 @@ The step from 0.84x to parity was the epilogue (run 6, same kernel, registers ->
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -93,8 +94,10 @@ from minisd35.errors import HardwareError, InputError
 GLUON_CONFIGS = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 16, "num_warps": 8}]
 # variant="ws": BLOCK_M rows per consumer (the program's tile is 2 * BLOCK_M), STAGES of 32 KB (192 KB); registers
 # per thread of the consumer warpgroups and the producer (setmaxnreg), the launch cap being 65536 / 384 threads
+# SPLIT_TAIL: split the last partial wave's tiles along K (split_schedule); MAX_SPLITS: None = its default cap
 GLUON_WS_CONFIGS = [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 6, "GROUP_M": 16, "num_warps": 4,
-                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168}]
+                     "CONSUMER_REGS": 232, "PRODUCER_REGS": 40, "maxnreg": 168, "SPLIT_TAIL": True,
+                     "MAX_SPLITS": None}]
 VARIANTS = ("pipelined", "ws")
 TL_16 = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -248,15 +251,34 @@ def _fp8_gemm_gluon_kernel(
 # TMA store, clipped at M and N, instead of 32 scattered 4-byte stores per thread: it goes on to its next tile while
 # the store runs. That epilogue took the kernel from 0.84x to parity with cuBLAS (see the module docstring).
 @gluon.jit
-def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                 STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+def _ws_item(i, k_tiles, DP_TILES, SPLITS, K_CHUNK):
+    """Work item i of the persistent schedule -> (output tile, first K tile, number of K tiles, split index).
+    Items below DP_TILES are whole tiles; the rest are the split tail, SPLITS items per tile, K_CHUNK K tiles each
+    (the last one shorter). Split index 0 is the tile's owner, the one that sums the others and stores."""
+    tile = i
+    k0 = i * 0
+    nk = k_tiles
+    c = i * 0
+    if i >= DP_TILES:
+        u = i - DP_TILES
+        tile = DP_TILES + u // SPLITS
+        c = u % SPLITS
+        k0 = c * K_CHUNK
+        nk = gl.minimum(k_tiles - k0, K_CHUNK)
+    return tile, k0, nk, c
+
+
+@gluon.jit
+def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, DP_TILES, SPLITS, K_CHUNK, BLOCK_N: gl.constexpr,
+                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
     TILE_M: gl.constexpr = a_desc.block_type.shape[0]
-    num_tiles = gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
+    n_items = DP_TILES + (gl.cdiv(M, TILE_M) * gl.cdiv(N, BLOCK_N) - DP_TILES) * SPLITS
     g = 0  # K tiles loaded so far: stage g % STAGES, on pass g // STAGES over the ring
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    for i in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        tile, k0, nk, c = _ws_item(i, k_tiles, DP_TILES, SPLITS, K_CHUNK)
         off_m, off_n = _tile_offsets(tile, M, N, TILE_M, BLOCK_N, GROUP_M)
-        for k in range(k_tiles):
+        for k in range(k0, k0 + nk):
             s = g % STAGES
             # both consumers free a stage once their wgmmas on it are done; a fresh barrier passes phase 1 at once
             mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
@@ -267,23 +289,53 @@ def _ws_producer(a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N: gl.co
 
 
 @gluon.jit
+def _split_fixup(acc, c, t, ws_ptr, cnt_ptr, SPLITS, layout: gl.constexpr, C: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr):
+    """The split tail's reduction, for this consumer's rows of tail tile t. Split c > 0 writes its fp32 partial to
+    its own slot of the workspace and counts itself in (release); the owner (c = 0) waits until the count reaches
+    SPLITS - 1 (acquire), adds the slots in order 1, 2, ... (the same sum on every run: no fp32 atomics) and resets
+    the count for the next launch. The owner only ever waits for items that wait for nothing, so with all programs
+    resident (one per SM) this finishes."""
+    TILE: gl.constexpr = 2 * BLOCK_M * BLOCK_N
+    rows = C * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows, 1) * BLOCK_N + gl.expand_dims(cols, 0)  # within one [2 * BLOCK_M, BLOCK_N] slot
+    slots = ws_ptr + t * (SPLITS - 1) * TILE
+    cnt = cnt_ptr + 2 * t + C  # one count per tail tile and consumer
+    if c > 0:
+        gl.store(slots + (c - 1) * TILE + offs, acc)
+        gl.thread_barrier()  # every thread of this warpgroup has stored before the one release below
+        gl.atomic_add(cnt, 1, sem="release", scope="gpu")
+    else:
+        seen = gl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+        while seen < SPLITS - 1:
+            seen = gl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+        for j in range(SPLITS - 1):
+            acc += gl.load(slots + j * TILE + offs)
+        gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+    return acc
+
+
+@gluon.jit
 def _ws_consumer(a_s, w_s, ready, empty, c_desc, c_s, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-                 M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, C: gl.constexpr,
-                 A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                 HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, TMA_STORE: gl.constexpr):
+                 ws_ptr, cnt_ptr, M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, DP_TILES, SPLITS, K_CHUNK,
+                 C: gl.constexpr, A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr,
+                 ACT: gl.constexpr, HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                 TMA_STORE: gl.constexpr, SPLIT: gl.constexpr):
     ROW0: gl.constexpr = C * BLOCK_M  # this consumer's rows of the A box (BLOCK_M = 64: one wgmma per K tile)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                      instr_shape=[16, BLOCK_N, 32])
-    num_tiles = gl.cdiv(M, 2 * BLOCK_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    g = 0  # the ring's K tile number at the start of this output tile
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    n_items = DP_TILES + (gl.cdiv(M, 2 * BLOCK_M) * gl.cdiv(N, BLOCK_N) - DP_TILES) * SPLITS
+    g = 0  # the ring's K tile number at the start of this work item
+    for i in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        tile, k0, nk, c = _ws_item(i, k_tiles, DP_TILES, SPLITS, K_CHUNK)
         off_m, off_n = _tile_offsets(tile, M, N, 2 * BLOCK_M, BLOCK_N, GROUP_M)
         acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
         p1 = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
         p0 = _issue(a_s, w_s, ready, gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), g, ROW0, BLOCK_M, STAGES)
-        for k in range(1, k_tiles - 1, 2):  # as the pipelined kernel: K tiles k and k + 1 per trip
+        for k in range(1, nk - 1, 2):  # as the pipelined kernel: K tiles k and k + 1 per trip
             q1 = _issue(a_s, w_s, ready, p1, g + k, ROW0, BLOCK_M, STAGES)
             t0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))  # tile k - 1 done, tile k running
             mbarrier.arrive(empty.index((g + k - 1) % STAGES), count=1)
@@ -292,44 +344,48 @@ def _ws_consumer(a_s, w_s, ready, empty, c_desc, c_s, out_ptr, a_scale_ptr, w_sc
             p1 = warpgroup_mma_wait(num_outstanding=1, deps=(q1,))  # tile k done
             mbarrier.arrive(empty.index((g + k) % STAGES), count=1)
             acc += p1
-        if k_tiles % 2 == 0:  # one tile left, into P1
-            r1 = _issue(a_s, w_s, ready, p1, g + k_tiles - 1, ROW0, BLOCK_M, STAGES)
+        if nk % 2 == 0:  # one tile left, into P1
+            r1 = _issue(a_s, w_s, ready, p1, g + nk - 1, ROW0, BLOCK_M, STAGES)
             r0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            mbarrier.arrive(empty.index((g + k_tiles - 2) % STAGES), count=1)
+            mbarrier.arrive(empty.index((g + nk - 2) % STAGES), count=1)
             acc += r0
             r1 = warpgroup_mma_wait(num_outstanding=0, deps=(r1,))
-            mbarrier.arrive(empty.index((g + k_tiles - 1) % STAGES), count=1)
+            mbarrier.arrive(empty.index((g + nk - 1) % STAGES), count=1)
             acc += r1
         else:
             r0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-            mbarrier.arrive(empty.index((g + k_tiles - 1) % STAGES), count=1)
+            mbarrier.arrive(empty.index((g + nk - 1) % STAGES), count=1)
             acc += r0
-        g += k_tiles
-        if TMA_STORE:  # through shared memory, stored by TMA while this consumer starts its next tile
-            acc = _epilogue_values(acc, off_m + ROW0, off_n, layout, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr,
-                                   res_ptr, M, N, rows_per_batch, stride_gb, stride_rm, A_PER_ROW, W_PER_COL,
-                                   HAS_BIAS, ACT, HAS_GATE, HAS_RES)
-            tma.store_wait(0)  # the previous tile's store has read the buffer
-            c_s.store(acc.to(c_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m + ROW0, off_n], c_s)  # clipped at M and N
-        else:
-            _epilogue(acc, off_m + ROW0, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr,
-                      res_ptr, M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL, HAS_BIAS,
-                      ACT, HAS_GATE, HAS_RES)
+        g += nk
+        if SPLIT:
+            if i >= DP_TILES:
+                acc = _split_fixup(acc, c, tile - DP_TILES, ws_ptr, cnt_ptr, SPLITS, layout, C, BLOCK_M, BLOCK_N)
+        if c == 0:  # a whole tile, or a split tile's owner: the epilogue and the store
+            if TMA_STORE:  # through shared memory, stored by TMA while this consumer starts its next tile
+                acc = _epilogue_values(acc, off_m + ROW0, off_n, layout, a_scale_ptr, w_scale_ptr, bias_ptr,
+                                       gate_ptr, res_ptr, M, N, rows_per_batch, stride_gb, stride_rm, A_PER_ROW,
+                                       W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES)
+                tma.store_wait(0)  # the previous tile's store has read the buffer
+                c_s.store(acc.to(c_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [off_m + ROW0, off_n], c_s)  # clipped at M and N
+            else:
+                _epilogue(acc, off_m + ROW0, off_n, layout, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr,
+                          res_ptr, M, N, rows_per_batch, stride_om, stride_gb, stride_rm, A_PER_ROW, W_PER_COL,
+                          HAS_BIAS, ACT, HAS_GATE, HAS_RES)
     if TMA_STORE:
         tma.store_wait(0)
 
 
 @gluon.jit
 def _fp8_gemm_gluon_ws_kernel(
-    a_desc, w_desc, c_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr,
-    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm,
+    a_desc, w_desc, c_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, res_ptr, ws_ptr, cnt_ptr,
+    M, N, K, rows_per_batch, stride_om, stride_gb, stride_rm, DP_TILES, SPLITS, K_CHUNK,
     A_PER_ROW: gl.constexpr, W_PER_COL: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_RES: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TMA_STORE: gl.constexpr,
-    num_warps: gl.constexpr,
+    SPLIT: gl.constexpr, num_warps: gl.constexpr,
 ):
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
     gl.static_assert(a_desc.block_type.shape[0] == 2 * BLOCK_M, "the A box holds both consumers' rows")
@@ -345,14 +401,15 @@ def _fp8_gemm_gluon_ws_kernel(
     # the partitions' arguments, written out (tuple concatenation would turn the constexpr flags into tensors)
     gl.warp_specialize([
         (_ws_consumer, (a_s, w_s, ready, empty, c_desc, c_s.index(0), out_ptr, a_scale_ptr,
-                        w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N, K, rows_per_batch, stride_om, stride_gb,
-                        stride_rm, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N,
-                        BLOCK_K, STAGES, GROUP_M, TMA_STORE)),
+                        w_scale_ptr, bias_ptr, gate_ptr, res_ptr, ws_ptr, cnt_ptr, M, N, K, rows_per_batch, stride_om,
+                        stride_gb, stride_rm, DP_TILES, SPLITS, K_CHUNK, 0, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, TMA_STORE, SPLIT)),
         (_ws_consumer, (a_s, w_s, ready, empty, c_desc, c_s.index(1 if TMA_STORE else 0), out_ptr, a_scale_ptr,
-                        w_scale_ptr, bias_ptr, gate_ptr, res_ptr, M, N, K, rows_per_batch, stride_om, stride_gb,
-                        stride_rm, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT, HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N,
-                        BLOCK_K, STAGES, GROUP_M, TMA_STORE)),
-        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+                        w_scale_ptr, bias_ptr, gate_ptr, res_ptr, ws_ptr, cnt_ptr, M, N, K, rows_per_batch, stride_om,
+                        stride_gb, stride_rm, DP_TILES, SPLITS, K_CHUNK, 1, A_PER_ROW, W_PER_COL, HAS_BIAS, ACT,
+                        HAS_GATE, HAS_RES, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, TMA_STORE, SPLIT)),
+        (_ws_producer, (a_desc, w_desc, a_s, w_s, ready, empty, M, N, K, DP_TILES, SPLITS, K_CHUNK, BLOCK_N, BLOCK_K,
+                        STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -389,9 +446,16 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], w_layout)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     kernel, descs = _fp8_gemm_gluon_kernel, (a_desc, w_desc)
+    extra, sched = (), ()
     if variant == "ws":  # persistent: one program per SM
         kernel = _fp8_gemm_gluon_ws_kernel
-        tiles = min(tiles, torch.cuda.get_device_properties(dev).multi_processor_count)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        grid, dp_tiles, splits, k_chunk = split_schedule(tiles, triton.cdiv(K, bk), sms, cfg.pop("MAX_SPLITS", None),
+                                                         cfg.pop("SPLIT_TAIL", True))
+        # the split tail's fp32 partials (one 128 x BLOCK_N slot per non-owner item) and the owners' counts
+        ws = torch.empty(max(1, (tiles - dp_tiles) * (splits - 1) * bm * bn), dtype=torch.float32, device=dev)
+        extra, sched, cfg["SPLIT"] = (ws, _split_counts(dev, sms)), (dp_tiles, splits, k_chunk), splits > 1
+        tiles = grid
         # the output by TMA where its rows are 16-byte aligned and its type 16-bit (the staging fits beside 6
         # stages); otherwise the descriptor is a placeholder the kernel does not use
         tma_store = cfg["TMA_STORE"] = cfg.get("TMA_STORE", True) and out.element_size() == 2 and N % 8 == 0
@@ -400,39 +464,101 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
         descs += (TensorDescriptor(c, list(c.shape), list(c.stride()), [cfg["BLOCK_M"], bn], c_layout),)
     with on_device(dev):
         kernel[(tiles,)](
-            *descs, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)),
+            *descs, out, a_scale, w_scale, *(t if t is not None else out for t in (bias, gate, residual)), *extra,
             M, N, K, rows_per_batch, out.stride(0), gate.stride(0) if gate is not None else 0,
-            residual.stride(0) if residual is not None else 0, A_PER_ROW=a_scale.numel() > 1,
+            residual.stride(0) if residual is not None else 0, *sched, A_PER_ROW=a_scale.numel() > 1,
             W_PER_COL=w_scale.numel() > 1, HAS_BIAS=bias is not None, ACT=act, HAS_GATE=gate is not None,
             HAS_RES=residual is not None, **cfg)
     return out
 
 
+def split_schedule(tiles: int, k_tiles: int, programs: int, max_splits: int | None = None,
+                   split: bool = True) -> tuple[int, int, int, int]:
+    """The persistent WS kernel's schedule -> (grid, dp_tiles, splits, k_chunk).
+
+    `programs` persistent programs (one per SM) take output tiles round-robin. With 1330 tiles on 132 SMs (proj and
+    fc2 of SD3.5 Large at M = 8858) that is 10 full waves and a last one of 10 tiles, during which 122 SMs idle: the
+    kernel takes 11 tile-times for 10.08 tiles of work. Here the last partial wave's `tail` tiles are cut along K
+    into `splits` items of `k_chunk` K tiles each, one item per program, after `dp_tiles` (a multiple of
+    `programs`) whole tiles: the tail costs ~1/splits of a tile plus the reduction (the owner of each tail tile reads
+    splits - 1 fp32 partials of 64 KB). That trade sets the default cap, splits <= sqrt(2 k_tiles): a K tile's MMAs
+    against reading one partial, about equal (an estimate, not a measurement). No split where the tail is more than
+    half a wave (splits would be 1) or K is a single tile."""
+    tail = tiles % programs if tiles >= programs else tiles
+    splits = 1
+    if split and tail and k_tiles > 1:
+        cap = max_splits if max_splits is not None else max(2, round(math.sqrt(2 * k_tiles)))
+        splits = min(programs // tail, k_tiles, cap)
+    if splits < 2:
+        return min(tiles, programs), tiles, 1, k_tiles
+    k_chunk = -(-k_tiles // splits)
+    splits = -(-k_tiles // k_chunk)  # no empty items: e.g. 19 K tiles in 5 splits of 4, 4, 4, 4, 3
+    dp_tiles = tiles - tail
+    return (programs if dp_tiles else tail * splits), dp_tiles, splits, k_chunk
+
+
+_COUNTS: dict = {}
+
+
+def _split_counts(dev: torch.device, sms: int) -> torch.Tensor:
+    """The split tail's counters, two per tail tile (tail <= sms), zero between launches: each owner resets its own.
+    One buffer per (device, stream), so that launches that may run at the same time never share one."""
+    key = (dev, torch.cuda.current_stream(dev).stream_id)
+    if key not in _COUNTS:
+        _COUNTS[key] = torch.zeros(2 * sms, dtype=torch.int32, device=dev)
+    return _COUNTS[key]
+
+
 if __name__ == "__main__":
-    # check first (odd shapes, then the SD3.5 Large layers at M = 8858), then time against cuBLAS and fp8_gemm
+    # check first (odd shapes, the split tail, the fused epilogues), then time the SD3.5 Large layers at M = 8858
+    # against cuBLAS, two ways: eagerly (tune_bench: an event pair around each call) and in CUDA graphs
+    # (graph_bench: the host's launch time taken out), each over ROUNDS interleaved passes
     import json
     import os
 
-    from kernels._common import rel_rms, tune_bench
+    from kernels._common import graph_bench, rel_rms, tune_bench
     from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, scaled_mm
     from kernels.fp8_quant import quant_fp8_ref
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("needs a Hopper GPU (Gluon's TMA + wgmma); there is no interpreter for Gluon")
     torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": os.environ.get("MINISD35_COMMIT", "unknown"), "checks": [], "rows": []}
+           "commit": os.environ.get("MINISD35_COMMIT", "unknown"), "sms": sms, "checks": [], "rows": []}
+
+    def save():  # after every step: a launch that hangs leaves what came before it
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "gemm_gluon.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
+
+    def check(name, out, ref, tol=1e-2, **info):
+        err = rel_rms(out, ref)
+        res["checks"].append({"check": name, **info, "rel_err": err, "ok": err < tol})
+        print(f"check {name} {info}: rel err {err:.2e} {'ok' if err < tol else 'FAILED'}", flush=True)
+
     variants = os.environ.get("GLUON_VARIANTS", ",".join(VARIANTS)).split(",")
-    # odd shapes; (3000, 512, 1500) has 288 tiles, so the persistent variant's programs take two or three each
+    # odd shapes; (3000, 512, 1500) has 288 tiles, so the persistent variant's programs take two or three each and
+    # the last 24 are split; (67, 2432, 136) and (300, 9728, 2432) have fewer tiles than SMs (split-K throughout);
+    # (8858, 2432, 2432) is proj with its 10-tile tail
     for M, K, N in [(1, 80, 40), (3, 2432, 200), (67, 1536, 136), (300, 9728, 2432), (129, 256, 257),
-                    (3000, 512, 1500)]:
+                    (3000, 512, 1500), (8858, 2432, 2432)]:
         a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
         w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.05)
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        ref = fp8_gemm_ref(a, sa, w, sw, bias)
         for v in variants:
-            err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias, variant=v), fp8_gemm_ref(a, sa, w, sw, bias))
-            res["checks"].append({"variant": v, "M": M, "K": K, "N": N, "rel_err_vs_ref": err})
-            print(f"check {v} M={M} K={K} N={N}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
+            check(v, fp8_gemm_gluon(a, sa, w, sw, bias, variant=v), ref, M=M, K=K, N=N)
+        if "ws" in variants:  # the split tail: the same bits on every call (no atomics in the sum), and level
+            # with the unsplit schedule up to bf16 rounding (its sum is in a different order)
+            cfg = GLUON_WS_CONFIGS[0]
+            runs = [fp8_gemm_gluon(a, sa, w, sw, bias) for _ in range(5)]
+            same = all(torch.equal(runs[0], r) for r in runs[1:])
+            res["checks"].append({"check": "ws split repeatable", "M": M, "K": K, "N": N, "ok": same})
+            print(f"check ws split repeatable M={M} K={K} N={N}: {'ok' if same else 'FAILED'}", flush=True)
+            check("ws split vs unsplit", runs[0], fp8_gemm_gluon(a, sa, w, sw, bias, config={**cfg,
+                  "SPLIT_TAIL": False}), tol=5e-3, M=M, K=K, N=N)
+        save()
     # the fused epilogues (fc1 + GELU, fc2 + gated residual), two samples of 67 rows
     a, sa = quant_fp8_ref(torch.randn(134, 2432, device="cuda"))
     w, sw = quant_fp8_ref(torch.randn(300, 2432, device="cuda") * 0.05)
@@ -441,14 +567,16 @@ if __name__ == "__main__":
     resid = torch.randn(134, 300, device="cuda", dtype=torch.bfloat16)
     for v in variants:
         for kw in ({"act": "gelu_tanh"}, {"gate": gate, "residual": resid, "rows_per_batch": 67}):
-            err = rel_rms(fp8_gemm_gluon(a, sa, w, sw, bias, variant=v, **kw), fp8_gemm_ref(a, sa, w, sw, bias, **kw))
-            res["checks"].append({"variant": v, "epilogue": str(list(kw)), "rel_err_vs_ref": err})
-            print(f"check {v} epilogue {list(kw)}: rel err {err:.2e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)
+            check(f"{v} epilogue {list(kw)}", fp8_gemm_gluon(a, sa, w, sw, bias, variant=v, **kw),
+                  fp8_gemm_ref(a, sa, w, sw, bias, **kw))
+    save()
     # the default config of each variant, and the candidates timed beside it
-    configs = [("pipelined", GLUON_CONFIGS[0]), ("pipelined", {**GLUON_CONFIGS[0], "GROUP_M": 8})]
-    configs += [("ws", GLUON_WS_CONFIGS[0]), ("ws", {**GLUON_WS_CONFIGS[0], "TMA_STORE": False}),
-                ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 5}), ("ws", {**GLUON_WS_CONFIGS[0], "STAGES": 4})]
-    configs = [(v, c) for v, c in configs if v in variants]
+    ws_cfg = GLUON_WS_CONFIGS[0]
+    configs = [("pipelined", "pipelined", GLUON_CONFIGS[0]), ("ws", "ws (default)", ws_cfg),
+               ("ws", "ws unsplit", {**ws_cfg, "SPLIT_TAIL": False}), ("ws", "ws max 3 splits", {**ws_cfg,
+               "MAX_SPLITS": 3}), ("ws", "ws max splits", {**ws_cfg, "MAX_SPLITS": sms})]
+    configs = [(v, name, c) for v, name, c in configs if v in variants]
+    timers = {"eager": tune_bench, "graph": graph_bench}
     for layer, (K, N) in {"qkv": (2432, 7296), "proj": (2432, 2432), "fc1": (2432, 9728),
                           "fc2": (9728, 2432)}.items():
         M = 8858
@@ -459,8 +587,8 @@ if __name__ == "__main__":
         impls = [("_scaled_mm row-wise", lambda: scaled_mm(a, sa, w, sw, bias), ref),
                  ("_scaled_mm row-wise fast_accum", lambda: scaled_mm(a, sa, w, sw, bias, fast_accum=True), ref),
                  ("fp8_gemm precise", lambda: fp8_gemm(a, sa, w, sw, bias), ref)]
-        impls += [(f"gluon {v} {c}", lambda v=v, c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c, variant=v), ref)
-                  for v, c in configs]
+        impls += [(f"gluon {name}", lambda v=v, c=c: fp8_gemm_gluon(a, sa, w, sw, bias, config=c, variant=v), ref)
+                  for v, name, c in configs]
         if layer in ("fc1", "fc2"):  # with the epilogue the model fuses there, against fp8_gemm's
             kw = {"act": "gelu_tanh"} if layer == "fc1" else {
                 "gate": torch.randn(2, N, device="cuda", dtype=torch.bfloat16),
@@ -472,18 +600,24 @@ if __name__ == "__main__":
         # ROUNDS passes over all impls, interleaved, each ratio against cuBLAS's time in the same pass: clocks and
         # power drift on this GPU moved single timings by up to 0.3x between neighbouring rows (session 12 run 5)
         errs = [rel_rms(f(), r) for _, f, r in impls]
-        times = [[] for _ in impls]
+        times = {t: [[] for _ in impls] for t in timers}
         for _ in range(int(os.environ.get("ROUNDS", "3"))):
-            for i, (_, f, _) in enumerate(impls):
-                times[i].append(tune_bench(f)[0])
+            for t, bench in timers.items():
+                for i, (_, f, _) in enumerate(impls):
+                    times[t][i].append(bench(f)[0])
         for i, (name, _, _) in enumerate(impls):
-            ratios = sorted(b / t for b, t in zip(times[0], times[i]))
-            ms = sorted(times[i])[len(times[i]) // 2]
-            row = {"layer": layer, "M": M, "K": K, "N": N, "impl": name, "rel_err_vs_ref": errs[i], "ms": ms,
-                   "ms_rounds": times[i], "TFLOPs": 2 * M * N * K / ms * 1e-9,
-                   "speed_vs_scaled_mm": ratios[len(ratios) // 2], "speed_rounds": ratios}
+            row = {"layer": layer, "M": M, "K": K, "N": N, "impl": name, "rel_err_vs_ref": errs[i],
+                   "config": next((c for v, n, c in configs if f"gluon {n}" == name), None)}
+            for t in timers:
+                ratios = sorted(b / x for b, x in zip(times[t][0], times[t][i]))
+                ms = sorted(times[t][i])[len(times[t][i]) // 2]
+                row.update({f"{t}_ms": ms, f"{t}_ms_rounds": times[t][i], f"{t}_TFLOPs": 2 * M * N * K / ms * 1e-9,
+                            f"{t}_vs_scaled_mm": ratios[len(ratios) // 2], f"{t}_rounds": ratios})
             res["rows"].append(row)
-            print(row, flush=True)
-        if os.environ.get("OUT"):  # after every layer: a launch that hangs leaves the layers before it
-            with open(os.path.join(os.environ["OUT"], "gemm_gluon.json"), "w") as fh:
-                json.dump(res, fh, indent=1)
+            print(f"{layer:5s} {name[:60]:60s} eager {row['eager_ms']:.4f} ms {row['eager_vs_scaled_mm']:.3f}x  "
+                  f"graph {row['graph_ms']:.4f} ms {row['graph_vs_scaled_mm']:.3f}x "
+                  f"(rounds {', '.join(f'{r:.3f}' for r in row['graph_rounds'])}) err {errs[i]:.1e}", flush=True)
+        save()
+    bad = [c for c in res["checks"] if not c["ok"]]
+    print(f"{len(res['checks']) - len(bad)} of {len(res['checks'])} checks passed", flush=True)
+    sys.exit(1 if bad else 0)

@@ -7,9 +7,13 @@ Shapes are small and odd (L = 5 and 7 tokens, 3 heads, hd 16 / 24 / 64, rows tha
 block sizes). See kernel_env.py for how the interpreter is set up and test_kernels.py for where it is not
 faithful to the GPU."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_env import E4M3, codes, kernel_device, randn, run_aot
 from torch import nn
 
@@ -304,6 +308,65 @@ def test_fp8_gemm_gluon_arguments():
         fp8_gemm_gluon(a, sa, w, sw)
 
 
+@settings(max_examples=300, deadline=None)
+@given(tiles=st.integers(1, 6000), k_tiles=st.integers(1, 100), programs=st.integers(1, 160),
+       max_splits=st.one_of(st.none(), st.integers(1, 40)))
+def test_gluon_split_schedule_covers_every_k_tile_once(tiles, k_tiles, programs, max_splits):
+    # the Gluon WS GEMM's persistent schedule (kernels/fp8_gemm_gluon.split_schedule), walked as the kernel's
+    # _ws_item walks it: program p takes items p, p + grid, ...; item i < dp_tiles is tile i whole, the others are
+    # tail tile dp_tiles + u // splits, K tiles [c * k_chunk, ...) with c = u % splits (c = 0: the owner, which
+    # waits for the rest). Every K tile of every output tile is done exactly once; all programs do the same whole
+    # tiles and then at most one tail item (so an owner waits only for items that are already running); and the
+    # busiest program does no more K tiles than without the split
+    pytest.importorskip("triton.experimental.gluon")
+    from kernels.fp8_gemm_gluon import split_schedule
+
+    grid, dp, splits, kc = split_schedule(tiles, k_tiles, programs, max_splits)
+    assert 1 <= grid <= programs and 0 <= dp <= tiles and splits >= 1
+    done, work, owners = {}, [], {}
+    n_items = dp + (tiles - dp) * splits
+    for p in range(grid):
+        mine = list(range(p, n_items, grid))
+        assert sum(i >= dp for i in mine) <= 1 and all(i < dp for i in mine[:-1])
+        ks = 0
+        for i in mine:
+            if i < dp:
+                tile, k0, nk = i, 0, k_tiles
+            else:
+                u = i - dp
+                tile, c = dp + u // splits, u % splits
+                k0 = c * kc
+                nk = min(k_tiles - k0, kc)
+                assert nk >= 1
+                owners[tile] = owners.get(tile, 0) + (c == 0)
+            for k in range(k0, k0 + nk):
+                done[(tile, k)] = done.get((tile, k), 0) + 1
+            ks += nk
+        work.append(ks)
+    assert len(done) == tiles * k_tiles and set(done.values()) == {1}
+    if splits > 1:
+        assert dp % grid == 0 and len({len(range(p, dp, grid)) for p in range(grid)}) == 1
+        assert set(owners.values()) == {1} and len(owners) == tiles - dp and (tiles - dp) * splits <= grid
+    assert max(work) <= -(-tiles // min(tiles, programs)) * k_tiles
+
+
+def test_gluon_split_schedule_on_the_large_layers():
+    # SD3.5 Large at M = 8858 on 132 SMs, by hand: proj / fc2 have 70 x 19 = 1330 tiles, 10 full waves and 10 left;
+    # proj's 19 K tiles -> at most round(sqrt(38)) = 6 splits -> chunks of 4 -> 5 items (4, 4, 4, 4, 3); fc2's 76
+    # -> 12 -> chunks of 7 -> 11 items. qkv (3990 tiles, 30 left) splits 4 ways, fc1 (5320, 40 left) 3 ways; a
+    # tail over half a wave, or splitting switched off, leaves the plain round-robin
+    pytest.importorskip("triton.experimental.gluon")
+    from kernels.fp8_gemm_gluon import split_schedule
+
+    assert split_schedule(1330, 19, 132) == (132, 1320, 5, 4)
+    assert split_schedule(1330, 76, 132) == (132, 1320, 11, 7)
+    assert split_schedule(3990, 19, 132) == (132, 3960, 4, 5)
+    assert split_schedule(5320, 19, 132) == (132, 5280, 3, 7)
+    assert split_schedule(1330, 19, 132, split=False) == (132, 1330, 1, 19)
+    assert split_schedule(200, 19, 132) == (132, 200, 1, 19)  # 68 left: more than half a wave
+    assert split_schedule(3, 19, 132) == (15, 0, 5, 4)  # fewer tiles than SMs: split-K
+
+
 def test_fp8_gemm_variant_arguments():
     from kernels.fp8_gemm import _prune_tma, fp8_gemm
 
@@ -424,13 +487,15 @@ if fp8_gemm_gluon is not None:  # the Gluon GEMM: descriptor types as its launch
     box = [wcfg["BLOCK_M"], wcfg["BLOCK_N"]]
     out_desc = mangle_type(TensorDescriptor(o, [256, 256], [256, 1], box,
                                             gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)))
+    del wcfg["SPLIT_TAIL"], wcfg["MAX_SPLITS"]  # the launcher's schedule options, not the kernel's
     build("gemm gluon ws", fp8_gemm_gluon._fp8_gemm_gluon_ws_kernel,
           {"a_desc": desc(2 * wcfg["BLOCK_M"]), "w_desc": desc(wcfg["BLOCK_N"]), "c_desc": out_desc, "out_ptr": "*bf16",
            "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
-           "res_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "rows_per_batch": "i32", "stride_om": "i32",
-           "stride_gb": "i32", "stride_rm": "i32"},
+           "res_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "rows_per_batch": "i32", "stride_om": "i32", "stride_gb": "i32", "stride_rm": "i32", "DP_TILES": "i32",
+           "SPLITS": "i32", "K_CHUNK": "i32"},
           dict(A_PER_ROW=True, W_PER_COL=True, HAS_BIAS=True, ACT="gelu_tanh", HAS_GATE=True, HAS_RES=True,
-               **wcfg), warps=wcfg["num_warps"], maxnreg=maxnreg)
+               SPLIT=True, **wcfg), warps=wcfg["num_warps"], maxnreg=maxnreg, keep=("ptx",))
 for name, bm, bn, acc, epi in [("precise 128x128 fused epilogue", 128, 128, 2, full),
                                ("fast 128x256", 128, 256, 0, plain)]:
     c = pick(fp8_gemm.PERSISTENT_CONFIGS, bm, bn)
@@ -472,5 +537,16 @@ def test_fused_kernels_compile_for_the_gpu():
         # the warp-specialised one: consumers and producer re-allocate registers (setmaxnreg), each consumer keeps
         # one wgmma group in flight during its promotions, and nothing spills (checked for every build above)
         ws = builds["gemm gluon ws"]
-        assert ws["setmaxnreg"] > 0 and ws["wgmma_waits"].count(1) >= 3, ws
+        assert ws["setmaxnreg"] > 0 and ws["wgmma_waits"].count(1) >= 3, ws["wgmma_waits"]
+        # the split tail's handshake, in each consumer: the partial's stores, a barrier of that warpgroup alone
+        # (a named barrier of 128 threads: bar.sync 0 of the whole CTA would wait for the other partitions), one
+        # thread's release add; the owner's acquire load, broadcast behind the same barrier, and the reset
+        ptx = ws["ptx"]
+        assert ptx.count("atom.global.gpu.release.add.u32") == 2, "one release per consumer"
+        assert ptx.count("ld.global.gpu.acquire.b32") == 2 and ptx.count("atom.global.gpu.relaxed.exch") == 2
+        assert not re.search(r"\bbar\.sync\s+\d+;", ptx), "a CTA-wide barrier inside a partition"
+        assert set(re.findall(r"\bbar\.sync\s+(\d+), 128;", ptx)) == {"0", "2"}, "each consumer its own barrier"
+        for m in re.finditer(r"atom\.global\.gpu\.release\.add", ptx):  # its warpgroup's stores come first
+            before = ptx[:m.start()]
+            assert before.rfind("bar.sync") > before.rfind("st.global"), "release before the barrier"
     assert builds["gemm ws fast 128x128"]["fadd"] < builds["gemm ws precise 256x128"]["fadd"]
