@@ -293,9 +293,8 @@ def _split_fixup(acc, c, t, ws_ptr, cnt_ptr, SPLITS, layout: gl.constexpr, C: gl
                  BLOCK_N: gl.constexpr):
     """The split tail's reduction, for this consumer's rows of tail tile t. Split c > 0 writes its fp32 partial to
     its own slot of the workspace and counts itself in (release); the owner (c = 0) waits until the count reaches
-    SPLITS - 1 (acquire), adds the slots in order 1, 2, ... (the same sum on every run: no fp32 atomics) and resets
-    the count for the next launch. The owner only ever waits for items that wait for nothing, so with all programs
-    resident (one per SM) this finishes."""
+    SPLITS - 1 (acquire) and adds the slots in order 1, 2, ... (the same sum on every run: no fp32 atomics). The
+    owner only ever waits for items that wait for nothing, so with all programs resident (one per SM) this ends."""
     TILE: gl.constexpr = 2 * BLOCK_M * BLOCK_N
     rows = C * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
@@ -312,7 +311,6 @@ def _split_fixup(acc, c, t, ws_ptr, cnt_ptr, SPLITS, layout: gl.constexpr, C: gl
             seen = gl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
         for j in range(SPLITS - 1):
             acc += gl.load(slots + j * TILE + offs)
-        gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
     return acc
 
 
@@ -452,9 +450,13 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         grid, dp_tiles, splits, k_chunk = split_schedule(tiles, triton.cdiv(K, bk), sms, cfg.pop("MAX_SPLITS", None),
                                                          cfg.pop("SPLIT_TAIL", True))
-        # the split tail's fp32 partials (one 128 x BLOCK_N slot per non-owner item) and the owners' counts
-        ws = torch.empty(max(1, (tiles - dp_tiles) * (splits - 1) * bm * bn), dtype=torch.float32, device=dev)
-        extra, sched, cfg["SPLIT"] = (ws, _split_counts(dev, sms)), (dp_tiles, splits, k_chunk), splits > 1
+        # the split tail's fp32 partials (one 128 x BLOCK_N slot per non-owner item) and the owners' counts, two
+        # per tail tile, zeroed per call (a memset): a buffer kept between calls and reset by the owners would be
+        # shared by launches on two streams, or pin a CUDA graph's memory pool when first made during a capture
+        tail = tiles - dp_tiles
+        ws = torch.empty(max(1, tail * (splits - 1) * bm * bn), dtype=torch.float32, device=dev)
+        cnt = torch.zeros(2 * tail if splits > 1 else 1, dtype=torch.int32, device=dev)
+        extra, sched, cfg["SPLIT"] = (ws, cnt), (dp_tiles, splits, k_chunk), splits > 1
         tiles = grid
         # the output by TMA where its rows are 16-byte aligned and its type 16-bit (the staging fits beside 6
         # stages); otherwise the descriptor is a placeholder the kernel does not use
@@ -495,18 +497,6 @@ def split_schedule(tiles: int, k_tiles: int, programs: int, max_splits: int | No
     splits = -(-k_tiles // k_chunk)  # no empty items: e.g. 19 K tiles in 5 splits of 4, 4, 4, 4, 3
     dp_tiles = tiles - tail
     return (programs if dp_tiles else tail * splits), dp_tiles, splits, k_chunk
-
-
-_COUNTS: dict = {}
-
-
-def _split_counts(dev: torch.device, sms: int) -> torch.Tensor:
-    """The split tail's counters, two per tail tile (tail <= sms), zero between launches: each owner resets its own.
-    One buffer per (device, stream), so that launches that may run at the same time never share one."""
-    key = (dev, torch.cuda.current_stream(dev).stream_id)
-    if key not in _COUNTS:
-        _COUNTS[key] = torch.zeros(2 * sms, dtype=torch.int32, device=dev)
-    return _COUNTS[key]
 
 
 if __name__ == "__main__":

@@ -280,12 +280,11 @@ def test_gluon_ws_split_tail_is_exact_and_repeatable():
     # the WS kernel's split tail (split_schedule): the last partial wave's tiles cut along K, each owner summing the
     # others' fp32 partials in a fixed order. Shapes: proj at M = 8858 (1330 tiles, 10 split 5 ways), one with
     # fewer tiles than SMs (split-K throughout), and one whose tail is split 2 ways after 2 whole tiles per program.
-    # Each against the reference, repeated (the same bits every call: no atomics in the sum, and the counts are
-    # back at zero after each launch, or the next one's owners would not wait), in a CUDA graph, and within bf16
-    # rounding of the unsplit schedule
+    # Each against the reference, repeated (the same bits every call: no atomics in the sum), replayed in a CUDA
+    # graph (the counts' memset is captured with it), and within bf16 rounding of the unsplit schedule
     from kernels._common import rel_rms as rr
     from kernels.fp8_gemm import fp8_gemm_ref
-    from kernels.fp8_gemm_gluon import _COUNTS, GLUON_WS_CONFIGS, fp8_gemm_gluon
+    from kernels.fp8_gemm_gluon import GLUON_WS_CONFIGS, fp8_gemm_gluon
     from kernels.fp8_quant import quant_fp8_ref
 
     torch.manual_seed(5)
@@ -299,7 +298,6 @@ def test_gluon_ws_split_tail_is_exact_and_repeatable():
         assert rr(outs[0], ref) < 5e-3, (M, K, N)
         assert all(torch.equal(outs[0], o) for o in outs[1:]), (M, K, N)
         assert rr(outs[0], fp8_gemm_gluon(a, sa, w, sw, bias, config=unsplit)) < 2e-3, (M, K, N)
-        assert all(int(c.abs().sum()) == 0 for c in _COUNTS.values())
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             graphed = fp8_gemm_gluon(a, sa, w, sw, bias)
