@@ -288,19 +288,19 @@ def test_gluon_ws_split_tail_is_exact_and_repeatable():
     from kernels.fp8_quant import quant_fp8_ref
 
     torch.manual_seed(5)
-    unsplit = {**GLUON_WS_CONFIGS[0], "SPLIT_TAIL": False}
+    unsplit, split = ({**GLUON_WS_CONFIGS[0], "SPLIT_TAIL": on} for on in (False, True))
     for M, K, N in [(8858, 2432, 2432), (300, 9728, 1000), (3000, 512, 1500)]:
         a, sa = quant_fp8_ref(torch.randn(M, K, device="cuda"))
         w, sw = quant_fp8_ref(torch.randn(N, K, device="cuda") * 0.05)
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
         ref = fp8_gemm_ref(a, sa, w, sw, bias)
-        outs = [fp8_gemm_gluon(a, sa, w, sw, bias) for _ in range(4)]
+        outs = [fp8_gemm_gluon(a, sa, w, sw, bias, config=split) for _ in range(4)]
         assert rr(outs[0], ref) < 5e-3, (M, K, N)
         assert all(torch.equal(outs[0], o) for o in outs[1:]), (M, K, N)
         assert rr(outs[0], fp8_gemm_gluon(a, sa, w, sw, bias, config=unsplit)) < 2e-3, (M, K, N)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            graphed = fp8_gemm_gluon(a, sa, w, sw, bias)
+            graphed = fp8_gemm_gluon(a, sa, w, sw, bias, config=split)
         for _ in range(3):
             graphed.fill_(float("nan"))
             g.replay()
