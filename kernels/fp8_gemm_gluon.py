@@ -54,9 +54,25 @@ timings), and cuBLAS itself ran
 0.262 / 0.096 / 0.343 / 0.343 ms, cuBLAS in run 4 0.260 / 0.097 / 0.342 / 0.328 ms. The fused epilogues still
 cost it (GELU's exp and division on the accumulator, the gate and residual loads) more than they save, and in the
 step it is level with cuBLAS plus a separate epilogue pass: 95.93 against 96.36 ms with gemm="gluon" (SD3.5 Large
-1024, CFG 2, run 6), so the default stays. proj and fc2 (1330 tiles on 132 SMs: 10 programs take an 11th tile)
-lose ~8% to the last partial wave (by count: 10.08 tiles per program run as 11; not measured), which a stream-K
-split would recover; not written.
+1024, CFG 2, run 6), so the default stays.
+GPU session 13 (H100 80GB HBM3, bench/results/2026-12-07_h100_session13/run1_*): timed both eagerly and replayed in
+CUDA graphs (kernels/_common.graph_bench, which takes the host's launch time out: this launcher builds three TMA
+descriptors in Python per call), median of three interleaved rounds, against cuBLAS in the same round:
+    layer   eager    graph    graph, split tail (default cap / at most 3 splits)
+    qkv     1.095x   1.122x   1.091x / 1.095x
+    proj    0.999x   1.024x   0.976x / 0.997x
+    fc1     1.088x   1.092x   1.077x / 1.075x
+    fc2     1.057x   1.069x   1.060x / 1.101x
+so on that GPU the kernel is ahead of cuBLAS on every layer once the host is out of the timing, and proj, the
+shortest call (~0.1 ms), is where the host shows: run 7's 0.39-0.92x rounds on proj were eager timings.
+The split tail (SPLIT_TAIL, off by default): proj and fc2 have 1330 tiles on 132 SMs, so 10 programs take an 11th
+tile while 122 SMs idle, ~8% of the kernel by count. split_schedule cuts the last partial wave's tiles along K,
+one item per program; each tile's owner waits for the others' fp32 partials (a release / acquire count per tail
+tile, zeroed per call) and adds them in a fixed order, so the result is the same bits on every call. It is
+correct (every check, the GPU tests) and slower on three layers. By count it should have gained ~6% on proj; that
+the last wave costs less than a full tile-time is the likely reason (not profiled): with 10 SMs running, each has
+the L2 to itself, where the full waves move ~8 TB/s of operands out of L2 between all of them; the split pays a
+memset, 64 KB partials through L2 and the owner's wait instead.
 Tried on the way (runs 1-5, all correct, slower or no faster, removed): each consumer on its own 128-row tile
 with one 64-row partial per half (qkv 0.83x, fc2 0.83x, 48 bytes of epilogue spills); the same with the W tile
 shared by the two consumers (a 256-row tile: a quarter less operand traffic, no better: 0.84x / 0.85x, and proj
