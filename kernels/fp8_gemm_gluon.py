@@ -501,8 +501,10 @@ def split_schedule(tiles: int, k_tiles: int, programs: int, max_splits: int | No
     into `splits` items of `k_chunk` K tiles each, one item per program, after `dp_tiles` (a multiple of
     `programs`) whole tiles: the tail costs ~1/splits of a tile plus the reduction (the owner of each tail tile reads
     splits - 1 fp32 partials of 64 KB). That trade sets the default cap, splits <= sqrt(2 k_tiles): a K tile's MMAs
-    against reading one partial, about equal (an estimate, not a measurement). No split where the tail is more than
-    half a wave (splits would be 1) or K is a single tile."""
+    against reading one partial, about equal (an estimate). No split where the tail is more than half a wave
+    (splits would be 1) or K is a single tile. Measured (H100, session 13), the split is slower than the plain
+    schedule on qkv, proj and fc1 and only gains on fc2 with at most 3 splits, so the launcher uses it only when
+    asked (config SPLIT_TAIL)."""
     tail = tiles % programs if tiles >= programs else tiles
     splits = 1
     if split and tail and k_tiles > 1:
