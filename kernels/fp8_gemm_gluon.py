@@ -57,19 +57,21 @@ step it is level with cuBLAS plus a separate epilogue pass: 95.93 against 96.36 
 1024, CFG 2, run 6), so the default stays.
 GPU session 13 (H100 80GB HBM3, bench/results/2026-12-07_h100_session13/run1_*): timed both eagerly and replayed in
 CUDA graphs (kernels/_common.graph_bench, which takes the host's launch time out: this launcher builds three TMA
-descriptors in Python per call), median of three interleaved rounds, against cuBLAS in the same round:
-    layer   eager    graph    graph, split tail (default cap / at most 3 splits)
-    qkv     1.095x   1.122x   1.091x / 1.095x
-    proj    0.999x   1.024x   0.976x / 0.997x
-    fc1     1.088x   1.092x   1.077x / 1.075x
-    fc2     1.057x   1.069x   1.060x / 1.101x
+descriptors in Python per call), medians of interleaved rounds (3 in run 1, 5 in run 2), against cuBLAS in the same
+round:
+    layer   run 1: eager / graph   run 2: eager / graph   graph, split tail, runs 1 / 2 (default cap; at most 3)
+    qkv     1.095x / 1.122x        1.091x / 1.116x        1.091x / 1.079x; 1.095x / 1.087x
+    proj    0.999x / 1.024x        1.016x / 1.051x        0.976x / 1.000x; 0.997x / 1.020x
+    fc1     1.088x / 1.092x        1.117x / 1.074x        1.077x / 1.083x; 1.075x / 1.060x
+    fc2     1.057x / 1.069x        1.086x / 1.100x        1.060x / 1.086x; 1.101x / 1.126x
 so on that GPU the kernel is ahead of cuBLAS on every layer once the host is out of the timing, and proj, the
 shortest call (~0.1 ms), is where the host shows: run 7's 0.39-0.92x rounds on proj were eager timings.
 The split tail (SPLIT_TAIL, off by default): proj and fc2 have 1330 tiles on 132 SMs, so 10 programs take an 11th
 tile while 122 SMs idle, ~8% of the kernel by count. split_schedule cuts the last partial wave's tiles along K,
 one item per program; each tile's owner waits for the others' fp32 partials (a release / acquire count per tail
 tile, zeroed per call) and adds them in a fixed order, so the result is the same bits on every call. It is
-correct (every check, the GPU tests) and slower on three layers. By count it should have gained ~6% on proj; that
+correct (every check, the GPU tests) and slower on qkv and proj in both runs; it gains on fc2 with at most 3
+splits (+3%, both runs). By count it should have gained ~6% on proj; that
 the last wave costs less than a full tile-time is the likely reason (not profiled): with 10 SMs running, each has
 the L2 to itself, where the full waves move ~8 TB/s of operands out of L2 between all of them; the split pays a
 memset, 64 KB partials through L2 and the owner's wait instead.
