@@ -149,14 +149,9 @@ def pick_configs(gpu: list, cpu: list) -> list:
     return gpu
 
 
-def tune_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
-    """How every autotuner in kernels/ times a config (triton.autotune(do_bench=tune_bench)): Triton's own method,
-    the L2 flushed before each run and percentiles of ~25 ms of runs, but flushed with a buffer the size of the
-    device's L2 instead of Triton's fixed 256 MB. Autotuning happens inside the model's first forward, with the
-    activations live: on SD3.5 Large FP8 (H200) that 256 MB transient set the first call's peak memory (8.53 GiB
-    against 8.36 with this). The buffer is zeroed repeatedly, up to 256 MB of writes, so that the GPU still stays
-    ahead of the host as it does behind Triton's flush: one pass over an L2 (~15 us on an H200) is shorter than
-    launching a Triton kernel from Python, and a kernel of a few microseconds would be timed waiting for it."""
+def _l2_flush():
+    """The L2 flush of tune_bench and graph_bench: a buffer the size of the device's L2, zeroed until 256 MB are
+    written (see tune_bench for why not Triton's single 256 MB buffer)."""
     dev = torch.cuda.current_device()
     flush = torch.empty(max(torch.cuda.get_device_properties(dev).L2_cache_size, 1 << 20) // 4, dtype=torch.int32,
                         device="cuda")
@@ -166,6 +161,18 @@ def tune_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
         for _ in range(passes):
             flush.zero_()
 
+    return clear
+
+
+def tune_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
+    """How every autotuner in kernels/ times a config (triton.autotune(do_bench=tune_bench)): Triton's own method,
+    the L2 flushed before each run and percentiles of ~25 ms of runs, but flushed with a buffer the size of the
+    device's L2 instead of Triton's fixed 256 MB. Autotuning happens inside the model's first forward, with the
+    activations live: on SD3.5 Large FP8 (H200) that 256 MB transient set the first call's peak memory (8.53 GiB
+    against 8.36 with this). The buffer is zeroed repeatedly, up to 256 MB of writes, so that the GPU still stays
+    ahead of the host as it does behind Triton's flush: one pass over an L2 (~15 us on an H200) is shorter than
+    launching a Triton kernel from Python, and a kernel of a few microseconds would be timed waiting for it."""
+    clear = _l2_flush()
     kernel_call()  # compile / first-run costs out of the way
     torch.cuda.synchronize()
     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -195,15 +202,7 @@ def graph_bench(kernel_call, reps: int = 20, replays: int = 15) -> list[float]:
     alone; each graph is replayed `replays` times, interleaved, and a call's time is the difference of the two
     replays' times over `reps`. Returns [median, 20th, 80th percentile] over the replays. The call must be
     capturable (no host synchronisation, its autotuning done: it is called once first)."""
-    dev = torch.cuda.current_device()
-    flush = torch.empty(max(torch.cuda.get_device_properties(dev).L2_cache_size, 1 << 20) // 4, dtype=torch.int32,
-                        device="cuda")
-    passes = max(1, (256 << 20) // (flush.numel() * 4))
-
-    def clear():
-        for _ in range(passes):
-            flush.zero_()
-
+    clear = _l2_flush()
     kernel_call()
     torch.cuda.synchronize()
     graphs = []

@@ -225,6 +225,11 @@ def test_autotuning_flushes_with_an_l2_sized_buffer():
 
     ref = triton.testing.do_bench(lambda: y.copy_(x))
     assert 0.7 < med / ref < 1.4, (med, ref)
+    # graph_bench (the same flush, the calls replayed in a CUDA graph) agrees on a call the host launches quickly
+    from kernels._common import graph_bench
+
+    gmed, g20, g80 = graph_bench(lambda: y.copy_(x))
+    assert 0 < g20 <= gmed <= g80 and 0.7 < gmed / med < 1.3, (gmed, med)
 
 
 @pytest.mark.parametrize("variant", ["default", "add", "tma", "persistent"])
