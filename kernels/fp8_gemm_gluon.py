@@ -471,11 +471,14 @@ def fp8_gemm_gluon(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
                                                          cfg.pop("SPLIT_TAIL", False))
         # the split tail's fp32 partials (one 128 x BLOCK_N slot per non-owner item) and the owners' counts, two
         # per tail tile, zeroed per call (a memset): a buffer kept between calls and reset by the owners would be
-        # shared by launches on two streams, or pin a CUDA graph's memory pool when first made during a capture
-        tail = tiles - dp_tiles
-        ws = torch.empty(max(1, tail * (splits - 1) * bm * bn), dtype=torch.float32, device=dev)
-        cnt = torch.zeros(2 * tail if splits > 1 else 1, dtype=torch.int32, device=dev)
-        extra, sched, cfg["SPLIT"] = (ws, cnt), (dp_tiles, splits, k_chunk), splits > 1
+        # shared by launches on two streams, or pin a CUDA graph's memory pool when first made during a capture.
+        # Without a split the kernel never touches them: a_scale stands in, and no memset is launched
+        extra = (a_scale, a_scale)
+        if splits > 1:
+            tail = tiles - dp_tiles
+            extra = (torch.empty(tail * (splits - 1) * bm * bn, dtype=torch.float32, device=dev),
+                     torch.zeros(2 * tail, dtype=torch.int32, device=dev))
+        sched, cfg["SPLIT"] = (dp_tiles, splits, k_chunk), splits > 1
         tiles = grid
         # the output by TMA where its rows are 16-byte aligned and its type 16-bit (the staging fits beside 6
         # stages); otherwise the descriptor is a placeholder the kernel does not use
